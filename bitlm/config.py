@@ -1,0 +1,118 @@
+"""Typed model configuration. Every choice method.md calls "configurable" is a field here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args, get_type_hints
+
+from .codec import num_bits_for
+
+__all__ = ["ModelConfig"]
+
+
+@dataclass
+class ModelConfig:
+    """BitLM, the AR baseline (block_size=1, input="embedding", output_head="softmax") and
+    BitLM-softmax (output_head="softmax") are all this one config."""
+
+    vocab_size: int = 256
+    block_size: int = 4  # m; 1 gives the ordinary causal mask
+    # backbone (Llama/Qwen3 style)
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_hidden: int = 0  # 0: round(8/3 d) up to a multiple of 32
+    rope_theta: float = 10_000.0
+    qk_norm: bool = True
+    norm_eps: float = 1e-6
+    input: Literal["bits", "embedding"] = "bits"
+    output_head: Literal["diffusion", "softmax"] = "diffusion"
+    # diffusion head
+    head_width: int = 128
+    head_depth: int = 3
+    head_heads: int = 4
+    head_mlp_ratio: float = 2.0
+    head_squash: bool = True  # x0_hat = tanh(out): predictions stay in (-1, 1)
+    fused_head: bool = True  # use the Triton kernels on CUDA when available; False forces eager
+    # objective
+    loss: Literal["x0_mse", "v_loss"] = "x0_mse"
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    diffusion_batch_mul: int = 4
+    cond_dropout: float = 0.1
+    self_conditioning: bool = False
+    # sampling defaults
+    sample_steps: int = 15
+    cfg_scale: float = 1.0  # 1.0 = conditional only; the paper uses 9.0 at 8B
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = -(-(8 * self.d_model // 3) // 32) * 32
+        self.validate()
+
+    @property
+    def num_bits(self) -> int:
+        return num_bits_for(self.vocab_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            v, hint = getattr(self, f.name), hints[f.name]
+            choices = get_args(hint)
+            if getattr(hint, "__origin__", None) is Literal:
+                if v not in choices:
+                    raise ValueError(f"model.{f.name}={v!r}: must be one of {list(choices)}")
+            elif hint is bool and not isinstance(v, bool):
+                raise ValueError(f"model.{f.name}={v!r}: must be a bool")
+            elif hint is int and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"model.{f.name}={v!r}: must be an int")
+            elif hint is float and (isinstance(v, bool) or not isinstance(v, int | float)):
+                raise ValueError(f"model.{f.name}={v!r}: must be a number")
+        positive = (
+            "vocab_size",
+            "block_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "ffn_hidden",
+            "head_width",
+            "head_depth",
+            "head_heads",
+            "diffusion_batch_mul",
+            "sample_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)}: must be >= 1")
+        if self.vocab_size < 2:
+            raise ValueError("model.vocab_size must be >= 2")
+        if self.d_model % self.n_heads or self.head_dim % 2:
+            raise ValueError("model.d_model must be divisible by n_heads with an even head_dim")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError("model.n_heads must be a multiple of n_kv_heads")
+        if self.head_width % self.head_heads:
+            raise ValueError("model.head_width must be divisible by head_heads")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError("model.cond_dropout must be in [0, 1)")
+        if self.head_mlp_ratio <= 0 or self.logit_normal_std <= 0 or self.rope_theta <= 0:
+            raise ValueError("model.head_mlp_ratio, logit_normal_std, rope_theta must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a dict; an unknown key is an error naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**d)

@@ -1,0 +1,75 @@
+"""The bit-diffusion objective and sampler (method.md section 3). Convention: t = 0 clean,
+t = 1 noise, x_t = (1 - t) x0 + t eps; the head predicts x0 (x-prediction)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+__all__ = ["diffusion_loss", "euler_sample", "sample_time"]
+
+# x0_fn(x_t [R, m, B], t [R], x_sc [R, m, B] | None) -> x0_hat [R, m, B]
+X0Fn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+V_LOSS_MIN_T = 0.05  # velocity-loss clamp, as in JiT/BitDance
+
+
+def sample_time(cfg: ModelConfig, n: int, device: torch.device, generator=None) -> Tensor:
+    """One t per block: U[0, 1] or logit-normal(mean, std). -> [n]."""
+    if cfg.time_sampling == "uniform":
+        return torch.rand(n, device=device, generator=generator)
+    z = torch.randn(n, device=device, generator=generator)
+    return torch.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * z)
+
+
+def diffusion_loss(x0_hat: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, kind: str) -> Tensor:
+    """Mean loss over blocks and bits. x0_hat, x0, x_t [R, m, B]; t [R].
+    x0_mse: (x0_hat - x0)^2. v_loss: ((x0_hat - x0) / max(t, 0.05))^2, which is the squared
+    error of the velocities (x0 - x_t)/max(t, 0.05) since x_t cancels."""
+    err = (x0_hat.float() - x0.float()) ** 2
+    if kind == "v_loss":
+        err = err / t.float().clamp_min(V_LOSS_MIN_T).pow(2)[:, None, None]
+    return err.mean()
+
+
+@torch.no_grad()
+def euler_sample(
+    x0_fn: X0Fn,
+    shape: tuple[int, ...],
+    steps: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    known: Tensor | None = None,
+    known_mask: Tensor | None = None,
+    self_conditioning: bool = False,
+) -> Tensor:
+    """K Euler steps of the probability-flow ODE from x_1 ~ N(0, temperature^2 I) to t = 0:
+    x <- x + (t_next - t) (x - x0_hat) / t. Returns the continuous x_0 [R, m, B].
+
+    known [R, m, B] / known_mask [R, m] (bool): inpainting; known slots are held at their noised
+    true values (one fixed noise draw) during denoising and set to the true bits at the end."""
+    x = torch.randn(shape, device=device, generator=generator, dtype=torch.float32) * temperature
+    x = x.to(dtype)
+    if known is not None:
+        known_noise = torch.randn(shape, device=device, generator=generator).to(dtype)
+        km = known_mask[..., None]
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    x_sc = None
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        if known is not None:
+            x = torch.where(km, (1 - t) * known + t * known_noise, x)
+        tt = t.expand(shape[0])
+        x0 = x0_fn(x, tt, x_sc)
+        x_sc = x0 if self_conditioning else None
+        x = x + (t_next - t) * (x - x0) / t
+    if known is not None:
+        x = torch.where(km, known, x)
+    return x

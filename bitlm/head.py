@@ -1,0 +1,121 @@
+"""Output heads. The diffusion head (reference PyTorch path; the Triton kernels in
+bitlm/kernels/ share its parameter names) and the per-slot softmax head of the baselines.
+
+Diffusion head, per target block of m slots:
+    z   = Linear(B -> W)(x_t [; x0_selfcond]) + slot_pos                 [R, m, W]
+    y   = SiLU(Linear(d -> W)(h) + TimeMLP(sinusoid(1000 t)))            [R, m, W]
+    z   = AdaLNBlock(z, y) x depth  (self-attention among the m slots, then an MLP; shift, scale
+          and gate from y, zero-initialised)
+    out = Linear(W -> B)(modulate(LayerNorm(z), y))                      [R, m, B]
+    x0_hat = tanh(out) if head_squash else out
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+__all__ = ["AdaLNBlock", "DiffusionHead", "SoftmaxHead", "modulate", "timestep_embedding"]
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal embedding of 1000 t. t [R] -> [R, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None, :]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class AdaLNBlock(nn.Module):
+    """x + g1 * Attn(mod(LN(x))) ; x + g2 * MLP(mod(LN(x))), modulation from the condition y."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.ada = nn.Linear(width, 6 * width)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def attn(self, x: Tensor) -> Tensor:
+        R, m, W = x.shape
+        q, k, v = self.qkv(x).view(R, m, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # [R, heads, m, W/heads]
+        return self.proj(y.transpose(1, 2).reshape(R, m, W))
+
+    def mlp(self, x: Tensor) -> Tensor:
+        return self.fc2(F.silu(self.fc1(x)))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        s1, c1, g1, s2, c2, g2 = self.ada(y).chunk(6, dim=-1)
+        x = x + g1 * self.attn(modulate(self.norm1(x), s1, c1))
+        return x + g2 * self.mlp(modulate(self.norm2(x), s2, c2))
+
+
+class DiffusionHead(nn.Module):
+    """Predicts the clean bits x0_hat [R, m, B] of a block from x_t, t and the conditions h."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        B, W = cfg.num_bits, cfg.head_width
+        self.in_proj = nn.Linear(B * (2 if cfg.self_conditioning else 1), W)
+        self.slot_pos = nn.Parameter(torch.randn(cfg.block_size, W) * 0.02)
+        self.cond_proj = nn.Linear(cfg.d_model, W)
+        self.null_cond = nn.Parameter(torch.randn(cfg.d_model) * 0.02)  # for condition dropout
+        self.t_mlp = nn.Sequential(nn.Linear(256, W), nn.SiLU(), nn.Linear(W, W))
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(W, cfg.head_heads, cfg.head_mlp_ratio) for _ in range(cfg.head_depth)
+        )
+        self.final_norm = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Linear(W, 2 * W)
+        self.out = nn.Linear(W, B)
+        for lin in (self.final_ada, self.out):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        for mod in self.t_mlp:
+            if isinstance(mod, nn.Linear):
+                nn.init.normal_(mod.weight, std=0.02)
+
+    def condition(self, h: Tensor, t: Tensor) -> Tensor:
+        """y = SiLU(cond_proj(h) + t_emb). h [R, m, d], t [R] -> [R, m, W]."""
+        temb = self.t_mlp(timestep_embedding(t).to(h.dtype))  # [R, W]
+        return F.silu(self.cond_proj(h) + temb[:, None, :])
+
+    def forward(self, x_t: Tensor, t: Tensor, h: Tensor, x_sc: Tensor | None = None) -> Tensor:
+        """x_t [R, m, B], t [R], h [R, m, d], x_sc [R, m, B] (self-conditioning) -> [R, m, B]."""
+        if self.cfg.self_conditioning:
+            x_t = torch.cat([x_t, torch.zeros_like(x_t) if x_sc is None else x_sc], dim=-1)
+        y = self.condition(h, t)
+        z = self.in_proj(x_t) + self.slot_pos  # [R, m, W]
+        for blk in self.blocks:
+            z = blk(z, y)
+        shift, scale = self.final_ada(y).chunk(2, dim=-1)
+        out = self.out(modulate(self.final_norm(z), shift, scale))
+        return torch.tanh(out) if self.cfg.head_squash else out
+
+
+class SoftmaxHead(nn.Module):
+    """Per-slot V-way softmax (the AR baseline and BitLM-softmax). h [..., d] -> logits [..., V]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.proj(h)

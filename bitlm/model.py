@@ -1,0 +1,332 @@
+"""BitLM: a block-causal decoder over bit-coded tokens with a diffusion head (method.md).
+
+    bits     = codec(tokens)                                         [b, L, B]
+    e        = RMSNorm(Linear-SiLU-Linear(bits))  (or Embedding)     [b, L, d]
+    input    = [S_0..S_{m-1}, e_0 .. e_{L-m-1}]  (learned start block, shifted one block)
+    h        = Backbone(input)  (block-causal)                       [b, L, d]
+    h[n*m+j] conditions slot j of target block n; it has seen every token before block n.
+    head     = diffusion over the m*B bits of each block, or a per-slot softmax (baselines).
+
+The AR baseline is block_size=1, input="embedding", output_head="softmax".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import Backbone, KVCache, RMSNorm
+from .codec import BitCodec, CodeTable
+from .config import ModelConfig
+from .diffusion import diffusion_loss, euler_sample, sample_time
+from .head import DiffusionHead, SoftmaxHead
+from .pretrained import load_pretrained, save_pretrained
+
+__all__ = ["BitLM"]
+
+
+class BitInput(nn.Module):
+    """B bits -> d: Linear-SiLU-Linear, then RMSNorm (no embedding table)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.num_bits, cfg.d_model)
+        self.fc2 = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, bits: Tensor) -> Tensor:
+        return self.norm(self.fc2(F.silu(self.fc1(bits))))
+
+
+class BitLM(nn.Module):
+    def __init__(self, config: ModelConfig, code_table: CodeTable | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.codec = BitCodec(cfg.vocab_size, code_table)
+        if cfg.input == "bits":
+            self.input = BitInput(cfg)
+        else:
+            self.input = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.start = nn.Parameter(torch.randn(cfg.block_size, cfg.d_model) * 0.02)
+        self.backbone = Backbone(cfg)
+        self.head = DiffusionHead(cfg) if cfg.output_head == "diffusion" else SoftmaxHead(cfg)
+        self._init_backbone()
+
+    def _init_backbone(self) -> None:
+        for mod in [self.input, self.backbone]:
+            for sub in mod.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.normal_(sub.weight, std=0.02)
+                    if sub.bias is not None:
+                        nn.init.zeros_(sub.bias)
+                elif isinstance(sub, nn.Embedding):
+                    nn.init.normal_(sub.weight, std=0.02)
+        if isinstance(self.head, SoftmaxHead):
+            nn.init.normal_(self.head.proj.weight, std=0.02)
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.config.output_head == "diffusion"
+
+    # ---- backbone side -----------------------------------------------------------------------
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens [b, T] -> input vectors [b, T, d]."""
+        if self.config.input == "bits":
+            return self.input(self.codec.encode(tokens, self.start.dtype))
+        return self.input(tokens)
+
+    def _check(self, tokens: Tensor) -> None:
+        if tokens.dim() != 2 or tokens.shape[1] % self.config.block_size:
+            raise ValueError(
+                f"tokens must be [batch, L] with L a multiple of block_size="
+                f"{self.config.block_size}, got {tuple(tokens.shape)}"
+            )
+
+    def hidden(self, tokens: Tensor) -> Tensor:
+        """tokens [b, L] -> per-position conditions h [b, L, d] (start-block alignment)."""
+        self._check(tokens)
+        b, L = tokens.shape
+        m = self.config.block_size
+        x = torch.cat([self.start.expand(b, m, -1), self.embed(tokens[:, : L - m])], dim=1)
+        return self.backbone(x)
+
+    def conditions(self, tokens: Tensor) -> Tensor:
+        """The per-slot head conditions of every target block: [b, L/m, m, d]."""
+        h = self.hidden(tokens)
+        b, L, d = h.shape
+        return h.view(b, L // self.config.block_size, self.config.block_size, d)
+
+    # ---- training ----------------------------------------------------------------------------
+    def forward(self, tokens: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.loss(tokens, generator)
+
+    def loss(self, tokens: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Scalar training loss on tokens [b, L]."""
+        h = self.conditions(tokens)  # [b, N, m, d]
+        if not self.is_diffusion:
+            logits = self.head(h).float()  # [b, N, m, V]
+            return F.cross_entropy(logits.flatten(0, 2), tokens.flatten())
+        return self.head_loss(h, tokens, generator)
+
+    def head_loss(self, h: Tensor, tokens: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Diffusion loss of all blocks; each block replicated diffusion_batch_mul times."""
+        cfg = self.config
+        b, N, m, d = h.shape
+        r = cfg.diffusion_batch_mul
+        h = h.reshape(b * N, m, d).repeat(r, 1, 1)  # [R, m, d], R = r b N
+        x0 = self.codec.encode(tokens, h.dtype).reshape(b * N, m, -1).repeat(r, 1, 1)
+        R, dev = h.shape[0], h.device
+        t = sample_time(cfg, R, dev, generator).to(h.dtype)  # [R]
+        eps = torch.randn(x0.shape, device=dev, generator=generator, dtype=h.dtype)
+        x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+        if self.training and cfg.cond_dropout > 0:
+            drop = torch.rand(R, device=dev, generator=generator) < cfg.cond_dropout
+            h = torch.where(drop[:, None, None], self.head.null_cond.to(h.dtype), h)
+        x_sc = None
+        if cfg.self_conditioning:
+            use = torch.rand(R, device=dev, generator=generator) < 0.5
+            with torch.no_grad():
+                first = self.head(x_t, t, h)
+            x_sc = torch.where(use[:, None, None], first, torch.zeros_like(first))
+        x0_hat = self.head(x_t, t, h, x_sc)
+        return diffusion_loss(x0_hat, x0, x_t, t, cfg.loss)
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def _x0_fn(self, h: Tensor, cfg_scale: float):
+        """x0(x_t, t, x_sc) for conditions h [R, m, d], with batched classifier-free guidance."""
+        if cfg_scale == 1.0:
+            return lambda x, t, sc: self.head(x, t, h, sc)
+        null = self.head.null_cond.to(h.dtype).expand_as(h)
+        hh = torch.cat([h, null], 0)
+
+        def x0(x: Tensor, t: Tensor, sc: Tensor | None) -> Tensor:
+            sc2 = None if sc is None else torch.cat([sc, sc], 0)
+            out = self.head(torch.cat([x, x], 0), torch.cat([t, t], 0), hh, sc2)
+            cond, uncond = out.chunk(2, 0)
+            return uncond + cfg_scale * (cond - uncond)
+
+        return x0
+
+    def sample_block(
+        self,
+        h: Tensor,
+        *,
+        steps: int,
+        cfg_scale: float,
+        temperature: float,
+        generator: torch.Generator | None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Sample one block per row. h [R, m, d]; known [R, m] ids, known_mask [R, m] bool.
+        Returns (ids [R, m], continuous x0 [R, m, B] or logits)."""
+        if not self.is_diffusion:
+            logits = self.head(h).float()  # [R, m, V]
+            if temperature == 0:
+                ids = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, -1)
+                ids = torch.multinomial(probs.flatten(0, 1), 1, generator=generator)
+                ids = ids.view(logits.shape[:-1])
+        else:
+            R, m, _ = h.shape
+            kb = None if known is None else self.codec.encode(known, h.dtype)
+            x = euler_sample(
+                self._x0_fn(h, cfg_scale),
+                (R, m, self.config.num_bits),
+                steps,
+                device=h.device,
+                dtype=h.dtype,
+                temperature=temperature,
+                generator=generator,
+                known=kb,
+                known_mask=known_mask,
+                self_conditioning=self.config.self_conditioning,
+            )
+            ids, logits = self.codec.decode(x), x
+        if known is not None:
+            ids = torch.where(known_mask, known, ids)
+        return ids, logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """prompt [b, P] (any P >= 0) -> [b, P + max_new_tokens]. Block by block: sample the next
+        block from the conditions, then one backbone call over its m tokens (KV cache)."""
+        cfg = self.config
+        steps = cfg.sample_steps if steps is None else steps
+        cfg_scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
+        m = cfg.block_size
+        b, P = prompt.shape
+        total = P + max_new_tokens
+        n_full, rem = divmod(P, m)
+        seq = prompt
+        cache = KVCache(cfg.n_layers) if use_cache else None
+        # Conditions for target block n_full: input blocks [S, data blocks 0..n_full-1].
+        x = torch.cat([self.start.expand(b, m, -1), self.embed(prompt[:, : n_full * m])], 1)
+        h = self.backbone(x, cache)[:, -m:]  # [b, m, d]
+        while seq.shape[1] < total:
+            known = known_mask = None
+            if rem:
+                known = torch.zeros(b, m, dtype=torch.long, device=prompt.device)
+                known[:, :rem] = seq[:, -rem:]
+                known_mask = torch.zeros(b, m, dtype=torch.bool, device=prompt.device)
+                known_mask[:, :rem] = True
+            block, _ = self.sample_block(
+                h,
+                steps=steps,
+                cfg_scale=cfg_scale,
+                temperature=temperature,
+                generator=generator,
+                known=known,
+                known_mask=known_mask,
+            )
+            seq = torch.cat([seq[:, : seq.shape[1] - rem], block], 1)
+            rem = 0
+            if seq.shape[1] >= total:
+                break
+            if use_cache:
+                h = self.backbone(self.embed(block), cache)
+            else:
+                n = seq.shape[1] // m
+                x = torch.cat([self.start.expand(b, m, -1), self.embed(seq[:, : n * m])], 1)
+                h = self.backbone(x)[:, -m:]
+        return seq[:, :total]
+
+    # ---- teacher-forced evaluation -----------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self,
+        tokens: Tensor,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Teacher-forced metrics on tokens [b, L] given the true context (method.md section 5).
+
+        Returns sums to aggregate over batches: "tokens", "blocks", "bits_correct",
+        "slot_correct" [m], "blocks_exact", "invalid_codes", "nll_bits" (mean-field bits for the
+        diffusion head, exact cross-entropy for softmax), and "token_correct" [b, L] (bool)."""
+        cfg = self.config
+        steps = cfg.sample_steps if steps is None else steps
+        cfg_scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
+        h = self.conditions(tokens)  # [b, N, m, d]
+        b, N, m, d = h.shape
+        flat = h.reshape(b * N, m, d)
+        target = tokens.reshape(b * N, m)
+        pred, out = self.sample_block(
+            flat,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            temperature=1.0 if self.is_diffusion else 0,
+            generator=generator,
+        )
+        invalid = torch.zeros((), dtype=torch.long)
+        if self.is_diffusion:
+            invalid = (self.codec.bits_to_words(out) >= cfg.vocab_size).sum()
+            # Mean-field: x0_hat at t = 1 estimates E[bits | context].
+            x1 = torch.randn(b * N, m, cfg.num_bits, generator=generator, dtype=h.dtype)
+            x1 = x1.to(h.device)
+            x0 = self.head(x1, torch.ones(b * N, device=h.device, dtype=h.dtype), flat)
+            p_one = (1 + x0.double().clamp(-1, 1)) / 2
+            nll = -self.codec.mean_field_log_prob(p_one, target).sum() / math.log(2)
+        else:
+            nll = F.cross_entropy(out.flatten(0, 1), target.flatten(), reduction="sum")
+            nll = nll / math.log(2)
+        correct = pred == target  # [R, m]
+        bits_ok = self.codec.encode(pred) == self.codec.encode(target)
+        return {
+            "tokens": torch.tensor(target.numel()),
+            "blocks": torch.tensor(b * N),
+            "bits_correct": bits_ok.sum(),
+            "slot_correct": correct.sum(0),
+            "blocks_exact": correct.all(-1).sum(),
+            "invalid_codes": invalid,
+            "nll_bits": nll.double(),
+            "token_correct": correct.view(b, N * m),
+        }
+
+    # ---- accounting --------------------------------------------------------------------------
+    def num_params(self, part: str = "all") -> int:
+        mod = {"all": self, "backbone": self.backbone, "head": self.head}[part]
+        return sum(p.numel() for p in mod.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: forward + backward = 3x forward, 2 FLOPs per MAC, matmuls.
+        Backbone and input MLP: 6 N + 12 n_layers d L (attention scores and values, full
+        attention counted, as in PaLM/nanochat). Diffusion head: 6 x its weights per slot, plus
+        its slot attention, times diffusion_batch_mul (x1.5 with self-conditioning's extra
+        forward). Softmax head: 6 d V."""
+        cfg = self.config
+        weights = lambda mod: sum(p.numel() for p in mod.parameters() if p.dim() == 2)
+        n_lin = weights(self.backbone) + (weights(self.input) if cfg.input == "bits" else 0)
+        flops = 6 * n_lin + 12 * cfg.n_layers * cfg.d_model * seq_len
+        if self.is_diffusion:
+            head_w = weights(self.head) - self.head.slot_pos.numel()
+            attn = 4 * cfg.head_depth * cfg.head_width * cfg.block_size
+            passes = cfg.diffusion_batch_mul * (1.5 if cfg.self_conditioning else 1.0)
+            flops += 3 * (2 * head_w + attn) * passes
+        else:
+            flops += 6 * cfg.d_model * cfg.vocab_size
+        return float(flops)
+
+    # ---- consolidated checkpoints ------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write model.safetensors + config.json + code_table.json (atomically, no pickle)."""
+        save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu") -> BitLM:
+        return load_pretrained(cls, path, map_location)

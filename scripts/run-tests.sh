@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test suite (slow tests included). Installs into .venv first if needed.
+# Extra arguments go to pytest, e.g. `-m "not slow"` for a quick run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source scripts/env.sh
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+exec timeout 3000 .venv/bin/python -m pytest "$@"
