@@ -1,0 +1,203 @@
+"""The driver: validate, find the MLflow run, start Ray Train's TorchTrainer, set the final status.
+
+One run identity: ``recipe.name`` is the Ray Train run name, the checkpoint folder
+``<storage_path>/<name>`` and the MLflow run name. Relaunching with the same name resumes from
+the latest checkpoint (Ray Train V2 finds the run folder).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .config import TrainRecipe
+from .data import DataError, Manifest, open_fs
+from .tracking import default_tracking_uri, find_or_create_run, set_final_status
+from .worker import FATAL_FILE, RunInfo, train_worker
+
+log = logging.getLogger("bitlm.train")
+
+__all__ = ["RunResult", "TrainingAborted", "run"]
+
+# Environment forwarded to the workers (values never logged).
+_FORWARD_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "DS_ACCELERATOR",
+    "DS_BUILD_OPS",
+    "TORCH_EXTENSIONS_DIR",
+    "TRITON_INTERPRET",
+)
+
+
+class TrainingAborted(RuntimeError):
+    """A non-retryable stop (NaN/inf loss, loss spike, changed data): see the message."""
+
+
+@dataclass
+class RunResult:
+    name: str
+    run_dir: str  # <storage_path>/<name>
+    checkpoint: str | None  # the latest checkpoint folder (local path or s3:// URI)
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def _storage(recipe: TrainRecipe):
+    """(RunConfig storage_path, storage_filesystem or None, display root)."""
+    sp = recipe.storage_path
+    if sp.startswith("s3://"):
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None,
+            access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
+            region=os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1",
+        )
+        return sp[len("s3://") :].rstrip("/"), fs, sp.rstrip("/")
+    path = str(Path(sp).absolute())
+    return path, None, path
+
+
+def _read_fatal(recipe: TrainRecipe, name: str, remove: bool = False) -> dict | None:
+    fs, base = open_fs(recipe.storage_path)
+    p = f"{base}/{name}/{FATAL_FILE}"
+    try:
+        with fs.open_input_stream(p) as f:
+            d = json.loads(f.read().decode())
+    except (FileNotFoundError, OSError):
+        return None
+    if remove:
+        fs.delete_file(p)
+    return d
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest ``checkpoint_*`` folder of a run (local path or s3:// URI), or None."""
+    fs, base = open_fs(run_dir)
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
+    if not names:
+        return None
+    return f"{run_dir.rstrip('/')}/{names[-1]}"
+
+
+def run(recipe: TrainRecipe) -> RunResult:
+    """Train (or resume) the run ``recipe.name``. Raises TrainingAborted on a non-retryable
+    stop, ray.train's TrainingFailedError when the failure budget is spent."""
+    if not recipe.name:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+        recipe = replace(recipe, name=f"pretrain-{stamp}-{uuid.uuid4().hex[:6]}")
+    name = recipe.name
+    if recipe.storage_path and "://" not in recipe.storage_path:
+        recipe = replace(recipe, storage_path=str(Path(recipe.storage_path).absolute()))
+    if recipe.data.path and "://" not in recipe.data.path:
+        recipe = replace(
+            recipe, data=replace(recipe.data, path=str(Path(recipe.data.path).absolute()))
+        )
+    if not recipe.data.path:
+        raise DataError("data.path is empty: point it at a preprocessed dataset")
+    man = Manifest.load(recipe.data.path)
+    if recipe.data.vocab_from_manifest and recipe.model.vocab_size != man.vocab_size:
+        recipe = replace(recipe, model=replace(recipe.model, vocab_size=man.vocab_size))
+    man.check_model(recipe.model.vocab_size, recipe.model.block_size)
+    if not man.shards.get(recipe.data.split):
+        raise DataError(f"{recipe.data.path}: no shards in split {recipe.data.split!r}")
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": env} if env else None)
+
+    storage_path, storage_fs, root = _storage(recipe)
+    run_dir = f"{root}/{name}"
+    _read_fatal(recipe, name, remove=True)
+
+    tracking_uri = run_id = None
+    if recipe.mlflow.enabled:
+        tracking_uri = default_tracking_uri(recipe.storage_path)
+        try:
+            run_id = find_or_create_run(
+                tracking_uri,
+                recipe.mlflow.experiment,
+                name,
+                {"data_fingerprint": man.fingerprint(recipe.data.split)},
+            )
+        except Exception as e:
+            log.warning("MLflow unreachable at start (%s); rank 0 will retry", type(e).__name__)
+
+    info = RunInfo(recipe=recipe.to_dict(), tracking_uri=tracking_uri, mlflow_run_id=run_id)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=asdict(info),
+        scaling_config=ScalingConfig(
+            num_workers=recipe.num_workers,
+            use_gpu=recipe.use_gpu,
+            resources_per_worker={"CPU": recipe.cpus_per_worker}
+            | ({"GPU": 1} if recipe.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=recipe.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=recipe.checkpoint.keep_last),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException as e:
+        if run_id:
+            set_final_status(tracking_uri, run_id, ok=False, error=f"{type(e).__name__}: {e}")
+        raise
+    fatal = _read_fatal(recipe, name)
+    if fatal is not None:
+        if run_id or tracking_uri:
+            rid = run_id or _lookup(tracking_uri, recipe, name)
+            if rid:
+                set_final_status(tracking_uri, rid, ok=False, error=fatal["error"])
+        raise TrainingAborted(f"run {name} stopped: {fatal['error']}")
+    if run_id is None and tracking_uri:
+        run_id = _lookup(tracking_uri, recipe, name)
+    if run_id:
+        set_final_status(tracking_uri, run_id, ok=True)
+    ckpt = latest_checkpoint(run_dir) if result.checkpoint is not None else None
+    return RunResult(name, run_dir, ckpt, run_id, tracking_uri)
+
+
+def _lookup(tracking_uri: str, recipe: TrainRecipe, name: str) -> str | None:
+    try:
+        return find_or_create_run(tracking_uri, recipe.mlflow.experiment, name, {})
+    except Exception:
+        return None

@@ -1,0 +1,72 @@
+"""Fixtures for the training tests: a tiny dataset written per docs/dataset-format.md and the
+tiny model/recipe overrides every run uses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import write_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.head_width=32",
+    "model.head_depth=1",
+    "model.head_heads=2",
+    "model.diffusion_batch_mul=2",
+    "global_batch_size=8",
+    "micro_batch_size=2",
+    "num_workers=2",
+    "cpus_per_worker=0.5",
+    "optim.lr=0.003",
+    "schedule.warmup_steps=1",
+    "log_every=1",
+    "mlflow.log_every=1",
+    "mlflow.system_metrics=false",
+    "eval.every_steps=0",
+    "checkpoint.every_minutes=0",
+]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    return write_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture
+def dist_world1(monkeypatch):
+    """An in-process gloo process group of world size 1 (env://), torn down afterwards."""
+    import torch.distributed as dist
+
+    for k, v in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+    }.items():
+        monkeypatch.setenv(k, v)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dist.init_process_group("gloo")
+    yield
+    dist.destroy_process_group()

@@ -1,0 +1,110 @@
+"""Writes a tiny dataset directly per docs/dataset-format.md (no dependency on pipeline/)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from bitlm.codec import BitCodec, CodeTable
+
+VOCAB = 64
+SEQ_LEN = 32
+BLOCK = 4
+
+
+def _tokenizer_json(vocab_size: int) -> str:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eod>", "<unk>"])
+    tok.train_from_iterator(["the cat sat on the mat", "a bit of text", "hello world"], trainer)
+    return tok.to_str()
+
+
+def pattern_rows(num_rows: int, seq_len: int = SEQ_LEN, vocab: int = VOCAB) -> np.ndarray:
+    """Row i is a run of consecutive ids starting at a row-dependent offset (easy to learn)."""
+    start = (np.arange(num_rows) * 7) % vocab
+    ids = (start[:, None] + np.arange(seq_len)[None, :]) % vocab
+    ids[:, 0] = 0  # eod at each row start
+    return ids
+
+
+def write_dataset(
+    root: str | Path,
+    *,
+    train_rows: int = 64,
+    val_rows: int = 8,
+    rows_per_shard: int = 24,
+    row_group_size: int = 8,
+    seq_len: int = SEQ_LEN,
+    vocab: int = VOCAB,
+    table_kind: str = "frequency",
+    filesystem=None,
+) -> str:
+    """Write a dataset folder (local path, or s3:// with ``filesystem`` a pyarrow FS) and
+    return its URI."""
+    import pyarrow.fs as pafs
+
+    root = str(root)
+    if filesystem is None:
+        filesystem, base = pafs.LocalFileSystem(), str(Path(root).absolute())
+        Path(base).mkdir(parents=True, exist_ok=True)
+    else:
+        base = root.split("://", 1)[1]
+    if table_kind == "frequency":
+        table = CodeTable.frequency(list(range(vocab, 0, -1))[::-1], vocab)  # reversed ids
+    else:
+        table = CodeTable.binary(vocab)
+    codec = BitCodec(vocab, table)
+    tok_json = _tokenizer_json(vocab)
+
+    def put(rel: str, data: bytes) -> None:
+        filesystem.create_dir(f"{base}/{rel}".rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(f"{base}/{rel}") as f:
+            f.write(data)
+
+    put("tokenizer.json", tok_json.encode())
+    put("code_table.json", table.to_json().encode())
+    shards = []
+    for split, n, seed_off in (("train", train_rows, 0), ("val", val_rows, 1000)):
+        ids = pattern_rows(n + seed_off, seq_len, vocab)[seed_off:]
+        words = codec.to_codewords(ids).numpy().astype(codec.codeword_dtype)
+        for k, lo in enumerate(range(0, n, rows_per_shard)):
+            chunk = words[lo : lo + rows_per_shard]
+            arr = pa.array(list(chunk), type=pa.list_(pa.from_numpy_dtype(chunk.dtype)))
+            starts = pa.array([[0]] * len(chunk), type=pa.list_(pa.int32()))
+            tbl = pa.table({"codes": arr, "doc_starts": starts})
+            sink = pa.BufferOutputStream()
+            pq.write_table(tbl, sink, row_group_size=row_group_size)
+            data = sink.getvalue().to_pybytes()
+            rel = f"shards/{split}/part-{k:05d}.parquet"
+            put(rel, data)
+            shards.append(
+                {
+                    "path": rel,
+                    "split": split,
+                    "rows": len(chunk),
+                    "tokens": len(chunk) * seq_len,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "inputs": [f"synthetic/{split}"],
+                }
+            )
+    manifest = {
+        "format_version": 1,
+        "seq_len": seq_len,
+        "block_size": BLOCK,
+        "vocab_size": vocab,
+        "num_bits": codec.num_bits,
+        "codeword_dtype": str(codec.codeword_dtype),
+        "eod_id": 0,
+        "tokenizer_hash": hashlib.sha256(tok_json.encode()).hexdigest(),
+        "code_table_hash": table.hash,
+        "shards": shards,
+    }
+    put("manifest.json", json.dumps(manifest, indent=1).encode())
+    return root if "://" in root else str(Path(root).absolute())
