@@ -8,6 +8,10 @@ Diffusion head, per target block of m slots:
           and gate from y, zero-initialised)
     out = Linear(W -> B)(modulate(LayerNorm(z), y))                      [R, m, B]
     x0_hat = tanh(out) if head_squash else out
+
+Dispatch: the fused Triton path (bitlm/kernels/) runs on CUDA tensors when cfg.fused_head is True
+and Triton imports; cfg.fused_head=False forces this reference path, which also runs on CPU.
+Both read the same parameters, so checkpoints interchange.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .codec import BitCodec
 from .config import ModelConfig
+from .diffusion import diffusion_loss, euler_sample
 
 __all__ = ["AdaLNBlock", "DiffusionHead", "SoftmaxHead", "modulate", "timestep_embedding"]
 
@@ -70,6 +76,10 @@ class AdaLNBlock(nn.Module):
 class DiffusionHead(nn.Module):
     """Predicts the clean bits x0_hat [R, m, B] of a block from x_t, t and the conditions h."""
 
+    # Test hook: True runs the Triton path on any device (CPU tensors need TRITON_INTERPRET=1),
+    # False forces the reference path; None decides by device, cfg.fused_head and Triton.
+    force_fused: bool | None = None
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -97,8 +107,28 @@ class DiffusionHead(nn.Module):
         temb = self.t_mlp(timestep_embedding(t).to(h.dtype))  # [R, W]
         return F.silu(self.cond_proj(h) + temb[:, None, :])
 
+    def use_fused(self, x: Tensor) -> bool:
+        """Whether the Triton path runs for tensors like x."""
+        if self.force_fused is not None:
+            return self.force_fused
+        if not (x.is_cuda and self.cfg.fused_head):
+            return False
+        from .kernels import HAS_TRITON
+
+        return HAS_TRITON
+
     def forward(self, x_t: Tensor, t: Tensor, h: Tensor, x_sc: Tensor | None = None) -> Tensor:
         """x_t [R, m, B], t [R], h [R, m, d], x_sc [R, m, B] (self-conditioning) -> [R, m, B]."""
+        if self.use_fused(x_t):
+            from .kernels.fused_head import fused_forward
+
+            return fused_forward(self, x_t, t, h, x_sc)
+        return self.reference_forward(x_t, t, h, x_sc)
+
+    def reference_forward(
+        self, x_t: Tensor, t: Tensor, h: Tensor, x_sc: Tensor | None = None
+    ) -> Tensor:
+        """The PyTorch definition of the head (source of truth for the kernels)."""
         if self.cfg.self_conditioning:
             x_t = torch.cat([x_t, torch.zeros_like(x_t) if x_sc is None else x_sc], dim=-1)
         y = self.condition(h, t)
@@ -108,6 +138,92 @@ class DiffusionHead(nn.Module):
         shift, scale = self.final_ada(y).chunk(2, dim=-1)
         out = self.out(modulate(self.final_norm(z), shift, scale))
         return torch.tanh(out) if self.cfg.head_squash else out
+
+    # ---- training: noising and loss from integer code words ----------------------------------
+    def noise(self, words: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x_t = (1 - t) bits(words) + t eps. words [R, m] int, t [R], eps [R, m, B] -> x_t."""
+        if self.use_fused(eps):
+            from .kernels.fused_head import fused_noise
+
+            return fused_noise(words, t, eps)
+        x0 = _bits(words, eps.shape[-1], eps.dtype)
+        return (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+
+    def loss(
+        self, x_t: Tensor, t: Tensor, h: Tensor, words: Tensor, x_sc: Tensor | None = None
+    ) -> Tensor:
+        """Head forward + diffusion_loss (cfg.loss) against the bits of words [R, m] -> scalar."""
+        if self.use_fused(x_t):
+            from .kernels.fused_head import fused_loss
+
+            return fused_loss(self, x_t, t, h, words, x_sc)
+        x0 = _bits(words, x_t.shape[-1], x_t.dtype)
+        return diffusion_loss(self.reference_forward(x_t, t, h, x_sc), x0, x_t, t, self.cfg.loss)
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def guided(self, h: Tensor, cfg_scale: float):
+        """x0(x_t, t, x_sc) for conditions h [R, m, d], with batched classifier-free guidance."""
+        if cfg_scale == 1.0:
+            return lambda x, t, sc: self(x, t, h, sc)
+        hh = torch.cat([h, self.null_cond.to(h.dtype).expand_as(h)], 0)
+
+        def x0(x: Tensor, t: Tensor, sc: Tensor | None) -> Tensor:
+            sc2 = None if sc is None else torch.cat([sc, sc], 0)
+            cond, uncond = self(torch.cat([x, x], 0), torch.cat([t, t], 0), hh, sc2).chunk(2, 0)
+            return uncond + cfg_scale * (cond - uncond)
+
+        return x0
+
+    @torch.no_grad()
+    def sample(
+        self,
+        h: Tensor,
+        codec: BitCodec,
+        *,
+        steps: int,
+        cfg_scale: float,
+        temperature: float,
+        generator: torch.Generator | None = None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One block per row: K Euler steps with guidance, sign() and exact repair.
+        h [R, m, d]; known [R, m, B] bits / known_mask [R, m] (inpainting).
+        Returns (valid code words [R, m] int64, continuous x0 [R, m, B])."""
+        if self.use_fused(h):
+            from .kernels.fused_head import fused_sample_block
+
+            return fused_sample_block(
+                self,
+                h,
+                codec.vocab_size,
+                steps=steps,
+                cfg_scale=cfg_scale,
+                temperature=temperature,
+                generator=generator,
+                known=known,
+                known_mask=known_mask,
+            )
+        R, m, _ = h.shape
+        x = euler_sample(
+            self.guided(h, cfg_scale),
+            (R, m, self.cfg.num_bits),
+            steps,
+            device=h.device,
+            dtype=h.dtype,
+            temperature=temperature,
+            generator=generator,
+            known=known,
+            known_mask=known_mask,
+            self_conditioning=self.cfg.self_conditioning,
+        )
+        return codec.repair(x), x
+
+
+def _bits(words: Tensor, num_bits: int, dtype: torch.dtype) -> Tensor:
+    """Integer codes [...] -> +1/-1 bits [..., num_bits] (MSB first), as BitCodec.words_to_bits."""
+    shifts = torch.arange(num_bits - 1, -1, -1, device=words.device)
+    return ((words.long().unsqueeze(-1) >> shifts) & 1).to(dtype) * 2 - 1
 
 
 class SoftmaxHead(nn.Module):
