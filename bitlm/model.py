@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .backbone import Backbone, KVCache, RMSNorm
 from .codec import BitCodec, CodeTable
 from .config import ModelConfig
-from .diffusion import diffusion_loss, euler_sample, sample_time
+from .diffusion import sample_time
 from .head import DiffusionHead, SoftmaxHead
 from .pretrained import load_pretrained, save_pretrained
 
@@ -118,11 +118,11 @@ class BitLM(nn.Module):
         b, N, m, d = h.shape
         r = cfg.diffusion_batch_mul
         h = h.reshape(b * N, m, d).repeat(r, 1, 1)  # [R, m, d], R = r b N
-        x0 = self.codec.encode(tokens, h.dtype).reshape(b * N, m, -1).repeat(r, 1, 1)
+        words = self.codec.to_codewords(tokens).reshape(b * N, m).repeat(r, 1)  # [R, m]
         R, dev = h.shape[0], h.device
         t = sample_time(cfg, R, dev, generator).to(h.dtype)  # [R]
-        eps = torch.randn(x0.shape, device=dev, generator=generator, dtype=h.dtype)
-        x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+        eps = torch.randn((R, m, cfg.num_bits), device=dev, generator=generator, dtype=h.dtype)
+        x_t = self.head.noise(words, t, eps)  # (1 - t) x0 + t eps; fused on CUDA
         if self.training and cfg.cond_dropout > 0:
             drop = torch.rand(R, device=dev, generator=generator) < cfg.cond_dropout
             h = torch.where(drop[:, None, None], self.head.null_cond.to(h.dtype), h)
@@ -132,8 +132,7 @@ class BitLM(nn.Module):
             with torch.no_grad():
                 first = self.head(x_t, t, h)
             x_sc = torch.where(use[:, None, None], first, torch.zeros_like(first))
-        x0_hat = self.head(x_t, t, h, x_sc)
-        return diffusion_loss(x0_hat, x0, x_t, t, cfg.loss)
+        return self.head.loss(x_t, t, h, words, x_sc)  # head + diffusion_loss; fused on CUDA
 
     # ---- sampling ----------------------------------------------------------------------------
     def _x0_fn(self, h: Tensor, cfg_scale: float):
@@ -173,21 +172,18 @@ class BitLM(nn.Module):
                 ids = torch.multinomial(probs.flatten(0, 1), 1, generator=generator)
                 ids = ids.view(logits.shape[:-1])
         else:
-            R, m, _ = h.shape
             kb = None if known is None else self.codec.encode(known, h.dtype)
-            x = euler_sample(
-                self._x0_fn(h, cfg_scale),
-                (R, m, self.config.num_bits),
-                steps,
-                device=h.device,
-                dtype=h.dtype,
+            words, x = self.head.sample(  # Euler + guidance + repair; one CUDA graph if fused
+                h,
+                self.codec,
+                steps=steps,
+                cfg_scale=cfg_scale,
                 temperature=temperature,
                 generator=generator,
                 known=kb,
                 known_mask=known_mask,
-                self_conditioning=self.config.self_conditioning,
             )
-            ids, logits = self.codec.decode(x), x
+            ids, logits = self.codec.from_codewords(words), x
         if known is not None:
             ids = torch.where(known_mask, known, ids)
         return ids, logits
