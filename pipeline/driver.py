@@ -1,0 +1,631 @@
+"""The driver: plans units, runs them as Ray Data tasks, resolves duplicates, commits the manifest.
+
+Order of a run (each step resumable; the manifest is the commit point, written last):
+1. list inputs (sorted); inputs already in the manifest are done: nothing new -> no work.
+2. tokenizer + code table: kept from the dataset, or built once (first run) and marked.
+3. plan units: the new files in sorted order, grouped into units of about ``unit_bytes``.
+4. scan pass (Ray Data): per-file index files (hash + drop reason of every document).
+5. dedup (driver): replay every index file in commit order (earlier runs, then the new files in
+   sorted order); the first occurrence of a hash wins.
+6. encode pass (Ray Data): shards per unit, skipping units whose marker matches the plan.
+7. manifest (temp + rename / one PUT), then remove ``_work/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import CONTENT_KEYS, InputSpec, PreprocessConfig
+from pipeline.readers import read_documents
+from pipeline.steps import alive, run_steps, scan_steps
+from pipeline.storage import InputFile, Storage, StorageError, is_s3, s3_options_from_env
+from pipeline.tokenizer import build_code_table, eod_id_of, sample_order, train_bpe
+from pipeline.units import codeword_dtype, run_task
+
+__all__ = ["FORMAT_VERSION", "PreprocessError", "read_manifest", "run_preprocess", "storage_for"]
+
+FORMAT_VERSION = 1
+KILL_ENV = "BITLM_PREPROCESS_KILL_AT"  # test hook: SIGKILL the driver at a named point
+
+
+class PreprocessError(RuntimeError):
+    """A one-line, user-facing failure of a run (incompatible dataset, storage problem...)."""
+
+
+def _log(msg: str) -> None:
+    print(f"[preprocess] {msg}", file=sys.stderr, flush=True)
+
+
+def _maybe_kill(point: str) -> None:
+    if os.environ.get(KILL_ENV) == point:
+        _log(f"test hook: killing the driver at {point}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def storage_for(*urls: str) -> Storage:
+    return Storage(s3_options_from_env() if any(is_s3(u) for u in urls) else None)
+
+
+def _root(url: str) -> str:
+    return url.rstrip("/") if is_s3(url) else os.path.abspath(url)
+
+
+def read_manifest(storage: Storage, root: str) -> dict[str, Any] | None:
+    if not storage.exists(f"{root}/manifest.json"):
+        return None
+    return json.loads(storage.read_bytes(f"{root}/manifest.json"))
+
+
+def expand_path(path: str) -> str:
+    """``{stdlib}`` -> this interpreter's standard library folder."""
+    if "{stdlib}" in path:
+        import sysconfig
+
+        path = path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+    return path
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+def _canon(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+def _list_inputs(storage: Storage, cfg: PreprocessConfig) -> list[tuple[InputFile, InputSpec]]:
+    chosen: dict[str, tuple[InputFile, InputSpec]] = {}
+    for spec in cfg.inputs:
+        for f in storage.list_files(expand_path(spec.path), spec.glob):
+            chosen.setdefault(f.path, (f, spec))
+    files = [chosen[p] for p in sorted(chosen)]
+    if cfg.max_files is not None:
+        files = files[: cfg.max_files]
+    if cfg.max_bytes is not None:
+        kept, total = [], 0
+        for f, s in files:
+            if total >= cfg.max_bytes:
+                break
+            kept.append((f, s))
+            total += f.size
+        files = kept
+    return files
+
+
+def _file_spec(f: InputFile, s: InputSpec) -> dict[str, Any]:
+    return {
+        "path": f.path,
+        "size": f.size,
+        "mtime": f.mtime,
+        "format": s.format,
+        "text_unit": s.text_unit,
+        "text_field": s.text_field,
+        "index": f"index/{_key(f.path, f.size, f.mtime)}.parquet",
+    }
+
+
+def _plan_units(files: list[dict[str, Any]], unit_bytes: int) -> list[list[dict[str, Any]]]:
+    units: list[list[dict[str, Any]]] = []
+    cur: list[dict[str, Any]] = []
+    size = 0
+    for f in files:
+        if cur and size + f["size"] > unit_bytes:
+            units.append(cur)
+            cur, size = [], 0
+        cur.append(f)
+        size += f["size"]
+    if cur:
+        units.append(cur)
+    return units
+
+
+# ---- tokenizer and code table --------------------------------------------------------------------
+def _sample_texts(
+    storage: Storage, cfg: PreprocessConfig, files: list[dict[str, Any]]
+) -> list[str]:
+    by_path = {f["path"]: f for f in files}
+    out: list[str] = []
+    total = 0
+    flt = cfg.filters
+    for p in sample_order(list(by_path)):
+        f = by_path[p]
+        batch = read_documents(
+            storage.read_bytes(p), p, f["format"], f["text_unit"], f["text_field"]
+        )
+        batch = run_steps(scan_steps(flt.max_control_fraction, flt.min_chars, flt.max_chars), batch)
+        for i in alive(batch):
+            out.append(batch["text"][i])
+            total += len(batch["text"][i])
+            if total >= cfg.tokenizer.sample_bytes:
+                return out
+    return out
+
+
+def _ensure_codec(
+    storage: Storage,
+    root: str,
+    cfg: PreprocessConfig,
+    manifest: dict[str, Any] | None,
+    files: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The dataset's codec facts; builds tokenizer.json and code_table.json on the first run."""
+    from tokenizers import Tokenizer
+
+    from bitlm.codec import CodeTable
+
+    def facts(tok_text: str, table_text: str) -> dict[str, Any]:
+        tok = Tokenizer.from_str(tok_text)
+        table = CodeTable.from_json(table_text)
+        v = tok.get_vocab_size()
+        if table.vocab_size != v:
+            raise PreprocessError(f"code table is for V={table.vocab_size}, tokenizer has V={v}")
+        eod = eod_id_of(tok, cfg.tokenizer.eod_token)
+        code = table.code_of_id
+        return {
+            "vocab_size": v,
+            "num_bits": max(1, int(np.ceil(np.log2(v)))),
+            "codeword_dtype": codeword_dtype(v).name,
+            "eod_id": eod,
+            "eod_code": eod if code is None else int(code[eod]),
+            "tokenizer_hash": hashlib.sha256(tok_text.encode()).hexdigest(),
+            "code_table_hash": table.hash,
+            "code_table_kind": table.kind,
+        }
+
+    if manifest is not None:
+        f = facts(
+            storage.read_bytes(f"{root}/tokenizer.json").decode(),
+            storage.read_bytes(f"{root}/code_table.json").decode(),
+        )
+        for k in ("tokenizer_hash", "code_table_hash"):
+            if f[k] != manifest[k]:
+                raise PreprocessError(f"{root}: {k} does not match the manifest (dataset damaged)")
+        return f
+    marker = f"{root}/_work/codec.json"
+    if storage.exists(marker):
+        m = json.loads(storage.read_bytes(marker))
+        if m.get("content") == cfg.content():
+            try:
+                f = facts(
+                    storage.read_bytes(f"{root}/tokenizer.json").decode(),
+                    storage.read_bytes(f"{root}/code_table.json").decode(),
+                )
+                if f["tokenizer_hash"] == m["tokenizer_hash"]:
+                    _log("reusing the tokenizer and code table of the interrupted run")
+                    return f
+            except (OSError, ValueError, StorageError):
+                pass
+    t0 = time.perf_counter()
+    sample = _sample_texts(storage, cfg, files)
+    if cfg.tokenizer.path:
+        tok_text = storage.read_bytes(cfg.tokenizer.path).decode()
+        try:
+            tok = Tokenizer.from_str(tok_text)
+        except Exception as e:
+            raise PreprocessError(
+                f"tokenizer.path {cfg.tokenizer.path}: not a tokenizer: {e}"
+            ) from None
+        _log(f"using tokenizer {cfg.tokenizer.path} (V={tok.get_vocab_size()})")
+    else:
+        if not sample:
+            raise PreprocessError("no document passed the filters: cannot train a tokenizer")
+        tok_text = train_bpe(
+            sample, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, cfg.tokenizer.eod_token
+        )
+        tok = Tokenizer.from_str(tok_text)
+        _log(
+            f"trained byte-level BPE V={tok.get_vocab_size()} on {len(sample)} documents "
+            f"({sum(map(len, sample)) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s"
+        )
+    try:
+        eod = eod_id_of(tok, cfg.tokenizer.eod_token)
+    except ValueError as e:
+        raise PreprocessError(str(e)) from None
+    table = build_code_table(cfg.code_table, tok, sample, eod)
+    storage.write_atomic(f"{root}/tokenizer.json", tok_text.encode())
+    storage.write_atomic(f"{root}/code_table.json", table.to_json().encode())
+    f = facts(tok_text, table.to_json())
+    storage.write_atomic(
+        marker, _canon({"content": cfg.content(), "tokenizer_hash": f["tokenizer_hash"]})
+    )
+    return f
+
+
+# ---- Ray ---------------------------------------------------------------------------------------
+def _ensure_ray(cfg: PreprocessConfig) -> bool:
+    """Connects to (or starts) Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=cfg.ray.num_cpus,
+            include_dashboard=False,
+            object_store_memory=256 * 1024 * 1024,
+            log_to_driver=False,
+        )
+    return True
+
+
+def _ray_map(
+    cfg: PreprocessConfig,
+    specs: list[dict[str, Any]],
+    desc: str,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Runs unit specs as Ray Data tasks (one block, one task each); results as they finish."""
+    import ray
+    from tqdm import tqdm
+
+    if not specs:
+        return []
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    ctx.enable_operator_progress_bars = cfg.progress
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items(
+        [{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs)
+    )
+    ds = ds.map_batches(run_task, batch_size=1, num_cpus=cfg.ray.cpus_per_task)
+    out = []
+    with tqdm(total=len(specs), desc=desc, unit="unit", disable=not cfg.progress) as bar:
+        for row in ds.iter_rows():
+            r = json.loads(row["result"])
+            out.append(r)
+            bar.update(1)
+            if on_result is not None:
+                on_result(r)
+    return out
+
+
+# ---- dedup -------------------------------------------------------------------------------------
+def _read_index(storage: Storage, root: str, index_path: str) -> pa.Table:
+    return pq.read_table(pa.BufferReader(storage.read_bytes(f"{root}/{index_path}")))
+
+
+def _resolve(
+    storage: Storage,
+    root: str,
+    prior: list[dict[str, Any]],
+    new: list[dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """Per new file: duplicate positions and counts. First occurrence in commit order wins."""
+    seen: set[bytes] = set()
+    for rec in prior:
+        for h in _read_index(storage, root, rec["index"]).column("hash").to_pylist():
+            if h is not None:
+                seen.add(h)
+    out: dict[str, dict[str, Any]] = {}
+    for f in new:
+        t = _read_index(storage, root, f["index"])
+        hashes = t.column("hash").to_pylist()
+        reasons = t.column("reason").to_pylist()
+        positions = t.column("index").to_pylist()
+        dups: list[int] = []
+        dropped: dict[str, int] = {}
+        for pos, h, r in zip(positions, hashes, reasons, strict=True):
+            if r is not None:
+                dropped[r] = dropped.get(r, 0) + 1
+            elif h in seen:
+                dups.append(pos)
+            else:
+                seen.add(h)
+        n = len(positions)
+        kept = n - len(dups) - sum(dropped.values())
+        out[f["path"]] = {
+            "docs": n,
+            "kept": kept,
+            "duplicates": len(dups),
+            "dropped": dict(sorted(dropped.items())),
+            "dups": dups,
+        }
+    return out
+
+
+# ---- the run -----------------------------------------------------------------------------------
+def _check_compatible(manifest: dict[str, Any], cfg: PreprocessConfig, root: str) -> None:
+    old = manifest.get("recipe", {})
+    new = cfg.content()
+    for k in CONTENT_KEYS:
+        if old.get(k) != new[k]:
+            raise PreprocessError(
+                f"{root} was built with {k}={old.get(k)!r}, this recipe has {k}={new[k]!r}: "
+                "a dataset keeps its content settings; write to a new output"
+            )
+
+
+def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
+    """Process the inputs not yet in the dataset at ``cfg.output``; returns a summary dict."""
+    cfg.validate_for_run()
+    t0 = time.perf_counter()
+    root = _root(cfg.output)
+    storage = storage_for(root, *(expand_path(i.path) for i in cfg.inputs))
+    storage.check_writable_root(root)
+    files = _list_inputs(storage, cfg)
+    if not files:
+        raise PreprocessError(
+            "no input files matched: " + ", ".join(expand_path(i.path) for i in cfg.inputs)
+        )
+    manifest = read_manifest(storage, root)
+    if manifest is not None:
+        _check_compatible(manifest, cfg, root)
+    known = {r["path"]: r for r in (manifest or {}).get("inputs", [])}
+    new = [_file_spec(f, s) for f, s in files if f.path not in known]
+    changed = [
+        f.path
+        for f, _ in files
+        if f.path in known and (known[f.path]["size"], known[f.path]["mtime"]) != (f.size, f.mtime)
+    ]
+    for p in changed:
+        _log(f"WARNING: {p} changed since it was processed; it is NOT reprocessed")
+    summary: dict[str, Any] = {
+        "dataset": root,
+        "files_seen": len(files),
+        "files_already_done": len(files) - len(new),
+        "files_new": len(new),
+        "files_changed_ignored": changed,
+    }
+    if not new:
+        _cleanup(storage, root)
+        summary.update(work_done=False, seconds=time.perf_counter() - t0)
+        summary["message"] = f"nothing to do: all {len(files)} input files are already in {root}"
+        _log(summary["message"])
+        return summary
+
+    started = _ensure_ray(cfg)
+    try:
+        return _run(cfg, storage, root, manifest, new, summary, t0)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _run(
+    cfg: PreprocessConfig,
+    storage: Storage,
+    root: str,
+    manifest: dict[str, Any] | None,
+    new: list[dict[str, Any]],
+    summary: dict[str, Any],
+    t0: float,
+) -> dict[str, Any]:
+    codec = _ensure_codec(storage, root, cfg, manifest, new)
+    _maybe_kill("after_codec")
+    common = {"root": root, "s3": storage.s3_options, "filters": asdict(cfg.filters)}
+    units = _plan_units(new, cfg.unit_bytes)
+    unit_ids = [_key(*(f["path"] for f in u)) for u in units]
+    _log(f"{len(new)} new input files in {len(units)} units")
+
+    done_index = set(storage.list_names(f"{root}/index"))
+    scan_specs = []
+    for uid, u in zip(unit_ids, units, strict=True):
+        todo = [f for f in u if f["index"].split("/")[-1] not in done_index]
+        if todo:
+            scan_specs.append({"kind": "scan", "unit": uid, "files": todo, **common})
+    _ray_map(cfg, scan_specs, "scan")
+    _maybe_kill("after_scan")
+
+    prior = (manifest or {}).get("inputs", [])
+    resolved = _resolve(storage, root, prior, new)
+
+    encode_specs, markers = [], {}
+    done_units = set(storage.list_names(f"{root}/_work/units"))
+    for uid, u in zip(unit_ids, units, strict=True):
+        files = [
+            {
+                **f,
+                "dups": resolved[f["path"]]["dups"],
+                "expect_kept": resolved[f["path"]]["kept"],
+            }
+            for f in u
+        ]
+        plan = _key(_canon({"files": files, "codec": codec, "content": cfg.content()}))
+        if f"{uid}.json" in done_units:
+            m = json.loads(storage.read_bytes(f"{root}/_work/units/{uid}.json"))
+            if m.get("plan") == plan:
+                markers[uid] = m
+                continue
+        encode_specs.append(
+            {
+                "kind": "encode",
+                "unit": uid,
+                "plan": plan,
+                "files": files,
+                "tokenizer_hash": codec["tokenizer_hash"],
+                "eod_id": codec["eod_id"],
+                "seq_len": cfg.seq_len,
+                "row_group_rows": cfg.row_group_rows,
+                "val_fraction": cfg.val_fraction,
+                "rejects": cfg.rejects,
+                **common,
+            }
+        )
+    if markers:
+        _log(f"{len(markers)} units already encoded by an interrupted run: skipped")
+
+    def got(r: dict[str, Any]) -> None:
+        markers[r["unit"]] = r
+        _maybe_kill("after_unit")
+
+    t_enc = time.perf_counter()
+    _ray_map(cfg, encode_specs, "encode", got)
+    t_enc = time.perf_counter() - t_enc
+    _maybe_kill("before_manifest")
+
+    new_manifest = _build_manifest(cfg, manifest, codec, new, resolved, unit_ids, markers)
+    body = json.dumps(new_manifest, indent=1, sort_keys=True).encode() + b"\n"
+    storage.write_atomic(f"{root}/manifest.json", body)
+    _maybe_kill("after_manifest")
+    _cleanup(storage, root)
+
+    counters: dict[str, dict[str, int]] = {}
+    from pipeline.steps import merge_counters
+
+    for uid in unit_ids:
+        merge_counters(counters, markers[uid].get("counters", {}))
+    run = new_manifest["runs"][-1]
+    secs = time.perf_counter() - t0
+    in_bytes = sum(f["size"] for f in new)
+    summary.update(
+        work_done=True,
+        units=len(units),
+        units_resumed=len(unit_ids) - len(encode_specs),
+        seconds=secs,
+        encode_seconds=t_enc,
+        input_bytes=in_bytes,
+        mb_per_s=in_bytes / 1e6 / secs,
+        tokens_per_s=run["tokens"] / secs,
+        run=run,
+        stages=counters,
+        totals=new_manifest["counts"],
+    )
+    if cfg.progress:
+        print(format_summary(summary), file=sys.stderr, flush=True)
+    return summary
+
+
+def _build_manifest(
+    cfg: PreprocessConfig,
+    old: dict[str, Any] | None,
+    codec: dict[str, Any],
+    new: list[dict[str, Any]],
+    resolved: dict[str, dict[str, Any]],
+    unit_ids: list[str],
+    markers: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    shards = list((old or {}).get("shards", []))
+    inputs = list((old or {}).get("inputs", []))
+    runs = list((old or {}).get("runs", []))
+    run_no = len(runs) + 1
+    unit_of = {}
+    for uid in unit_ids:
+        for s in markers[uid]["shards"]:
+            shards.append({**s, "run": run_no})
+            for p in s["inputs"]:
+                unit_of[p] = uid
+    for f in new:
+        r = resolved[f["path"]]
+        inputs.append(
+            {
+                "path": f["path"],
+                "size": f["size"],
+                "mtime": f["mtime"],
+                "format": f["format"],
+                "text_unit": f["text_unit"],
+                "text_field": f["text_field"],
+                "index": f["index"],
+                "unit": unit_of.get(f["path"]),
+                "run": run_no,
+                "docs": r["docs"],
+                "kept": r["kept"],
+                "duplicates": r["duplicates"],
+                "dropped": r["dropped"],
+            }
+        )
+    new_shards = [s for s in shards if s["run"] == run_no]
+    runs.append(
+        {
+            "run": run_no,
+            "files": len(new),
+            "units": len(unit_ids),
+            "shards": len(new_shards),
+            "docs": sum(resolved[f["path"]]["docs"] for f in new),
+            "kept": sum(resolved[f["path"]]["kept"] for f in new),
+            "duplicates": sum(resolved[f["path"]]["duplicates"] for f in new),
+            "rows": sum(s["rows"] for s in new_shards),
+            "tokens": sum(s["tokens"] for s in new_shards),
+        }
+    )
+    dropped: dict[str, int] = {}
+    for rec in inputs:
+        for k, v in rec["dropped"].items():
+            dropped[k] = dropped.get(k, 0) + v
+    counts = {
+        "files": len(inputs),
+        "docs": sum(r["docs"] for r in inputs),
+        "kept": sum(r["kept"] for r in inputs),
+        "duplicates": sum(r["duplicates"] for r in inputs),
+        "dropped": dict(sorted(dropped.items())),
+        "rows": {sp: sum(s["rows"] for s in shards if s["split"] == sp) for sp in ("train", "val")},
+        "tokens": {
+            sp: sum(s["tokens"] for s in shards if s["split"] == sp) for sp in ("train", "val")
+        },
+        "pad_tokens": sum(s["pad_tokens"] for s in shards),
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": cfg.name,
+        "seq_len": cfg.seq_len,
+        "block_size": cfg.block_size,
+        **codec,
+        "recipe": cfg.recorded(),
+        "shards": shards,
+        "inputs": inputs,
+        "counts": counts,
+        "runs": runs,
+    }
+
+
+def _cleanup(storage: Storage, root: str) -> None:
+    """Drop ``_work/`` and, locally, temp files of killed writers."""
+    storage.remove_tree(f"{root}/_work")
+    if not is_s3(root):
+        for dirpath, _, names in os.walk(root):
+            for n in names:
+                if ".tmp-" in n:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(dirpath, n))
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The end-of-run table: stages with documents in/out and drops, then totals."""
+    lines = [f"preprocess summary for {s['dataset']}"]
+    if not s.get("work_done"):
+        return lines[0] + "\n  " + s.get("message", "no work")
+    lines.append(f"  {'stage':<12}{'in':>12}{'out':>12}  dropped / notes")
+    for name, c in s["stages"].items():
+        notes = ", ".join(
+            f"{k.removeprefix('dropped.')}={v}"
+            for k, v in sorted(c.items())
+            if k not in ("in", "out")
+        )
+        lines.append(f"  {name:<12}{c.get('in', 0):>12}{c.get('out', 0):>12}  {notes}")
+    r = s["run"]
+    lines.append(
+        f"  this run: {s['files_new']} files ({s['input_bytes'] / 1e6:.1f} MB), "
+        f"{r['docs']} docs, {r['kept']} kept, {r['duplicates']} duplicates, "
+        f"{r['shards']} shards, {r['rows']} rows, {r['tokens']} tokens"
+    )
+    lines.append(
+        f"  {s['seconds']:.1f}s, {s['mb_per_s']:.2f} MB/s, {s['tokens_per_s']:.0f} tokens/s; "
+        f"{s['files_already_done']} files were already done, {s['units_resumed']} units resumed"
+    )
+    t = s["totals"]
+    lines.append(
+        f"  dataset: {t['files']} files, {t['kept']} docs kept, dropped {t['dropped']}, "
+        f"{t['duplicates']} duplicates, tokens {t['tokens']}"
+    )
+    return "\n".join(lines)

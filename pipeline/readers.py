@@ -1,0 +1,154 @@
+"""Read one input file into a batch of raw documents, never raising on bad content.
+
+A batch is a dict of equal-length lists (see ``pipeline.steps``). The reader fills ``index``
+(position of the document in its file), ``raw`` (bytes still to decode) or ``text`` (already
+decoded, for JSON lines and Parquet), and ``reason`` when the document is already lost
+(``truncated``, ``malformed_json``, ``missing_field``, ``read_error``, ``empty``,
+``invalid_utf8``).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+__all__ = ["decompress", "detect_format", "new_batch", "read_documents"]
+
+Batch = dict[str, list[Any]]
+COLUMNS = ("index", "raw", "text", "reason")
+
+
+def new_batch() -> Batch:
+    return {c: [] for c in COLUMNS}
+
+
+def _add(b: Batch, raw: bytes | None, text: str | None, reason: str | None) -> None:
+    b["index"].append(len(b["index"]))
+    b["raw"].append(raw)
+    b["text"].append(text)
+    b["reason"].append(reason)
+
+
+def detect_format(path: str, fmt: str) -> str:
+    """'text', 'jsonl' or 'parquet' for a file name (after stripping .gz/.zst)."""
+    if fmt != "auto":
+        return fmt
+    name = path.lower()
+    for ext in (".gz", ".zst", ".zstd"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def decompress(data: bytes, path: str) -> tuple[bytes, bool]:
+    """(payload, truncated). Multi-member .gz and multi-frame .zst are read to the end; a stream
+    cut short keeps what was decoded before the cut."""
+    name = path.lower()
+    if name.endswith(".gz"):
+        out: list[bytes] = []
+        rest = data
+        while rest:
+            d = zlib.decompressobj(31)
+            try:
+                out.append(d.decompress(rest))
+            except zlib.error:
+                return b"".join(out), True
+            if not d.eof:
+                return b"".join(out), True
+            rest = d.unused_data
+        return b"".join(out), False
+    if name.endswith((".zst", ".zstd")):
+        out = []
+        rest = data
+        while rest:
+            d = zstandard.ZstdDecompressor().decompressobj()
+            try:
+                out.append(d.decompress(rest))
+            except zstandard.ZstdError:
+                return b"".join(out), True
+            if not d.eof:
+                return b"".join(out), True
+            rest = d.unused_data
+        return b"".join(out), False
+    return data, False
+
+
+def _lines(payload: bytes, truncated: bool) -> tuple[list[bytes], bool]:
+    """Split into lines; returns (complete lines, whether a cut-off last line was dropped)."""
+    parts = payload.split(b"\n")
+    last = parts.pop()  # text after the final newline ("" when the file ends with one)
+    if truncated:
+        return parts, True
+    if last:
+        parts.append(last)
+    return parts, False
+
+
+def read_documents(data: bytes, path: str, fmt: str, text_unit: str, text_field: str) -> Batch:
+    """Raw documents of one file (see the module docstring)."""
+    b = new_batch()
+    try:
+        payload, truncated = decompress(data, path)
+    except Exception:
+        _add(b, None, None, "read_error")
+        return b
+    if not payload and not truncated:
+        _add(b, None, None, "empty")
+        return b
+    kind = detect_format(path, fmt)
+    if kind == "parquet":
+        if truncated:
+            _add(b, None, None, "truncated")
+            return b
+        try:
+            table = pq.read_table(pa.BufferReader(payload))
+        except Exception:
+            _add(b, None, None, "read_error")
+            return b
+        if text_field not in table.column_names:
+            _add(b, None, None, "missing_field")
+            return b
+        col = table.column(text_field)
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            _add(b, None, None, "missing_field")
+            return b
+        for v in col.to_pylist():
+            _add(b, None, v, None if v is not None else "missing_field")
+        return b
+    if kind == "text" and text_unit == "file":
+        _add(b, None if truncated else payload, None, "truncated" if truncated else None)
+        return b
+    lines, cut = _lines(payload, truncated)
+    if kind == "text":
+        for line in lines:
+            _add(b, line, None, None)
+    else:
+        for line in lines:
+            if not line.strip():
+                _add(b, None, None, "empty")
+                continue
+            try:
+                s = line.decode("utf-8")
+            except UnicodeDecodeError:
+                _add(b, None, None, "invalid_utf8")
+                continue
+            try:
+                obj = json.loads(s)
+            except ValueError:
+                _add(b, None, None, "malformed_json")
+                continue
+            v = obj.get(text_field) if isinstance(obj, dict) else None
+            ok = isinstance(v, str)
+            _add(b, None, v if ok else None, None if ok else "missing_field")
+    if cut:
+        _add(b, None, None, "truncated")
+    return b

@@ -1,0 +1,393 @@
+"""Pipeline steps: small classes, each a pure function over a batch plus counters (datatrove style).
+
+A batch is a dict of equal-length lists, one entry per document, in file order. ``reason`` is None
+while a document is alive; the step that drops it writes the reason and counts it. Steps never
+remove entries, so document positions (``index``) stay stable for dedup, rejects and verify.
+Nothing here imports Ray; the driver composes the steps inside Ray Data tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "REASONS",
+    "Batch",
+    "BinaryFilter",
+    "Decode",
+    "Dedup",
+    "Encode",
+    "Filter",
+    "HashDocs",
+    "LengthFilter",
+    "MarkDuplicates",
+    "Normalise",
+    "Packer",
+    "SplitByHash",
+    "Step",
+    "Tokenise",
+    "doc_hash",
+    "is_binary",
+    "merge_counters",
+    "normalise_text",
+    "run_steps",
+    "scan_steps",
+    "step_counters",
+    "unpack",
+]
+
+Batch = dict[str, list[Any]]
+
+# Every reason a document can be dropped for, in the order the steps apply them.
+REASONS = (
+    "read_error",
+    "truncated",
+    "malformed_json",
+    "missing_field",
+    "binary",
+    "invalid_utf8",
+    "empty",
+    "too_short",
+    "too_long",
+)
+
+_CONTROL_BYTES = bytes([*range(0, 9), *range(14, 32), 127])
+_CONTROL_TABLE = bytes.maketrans(b"", b"")
+# C0/C1 controls except tab and newline; carriage returns are handled before.
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def is_binary(data: bytes | str, max_control_fraction: float) -> bool:
+    """Mostly non-text: any NUL, or more than ``max_control_fraction`` control bytes/chars
+    (U+FFFD counts too for text)."""
+    if not data:
+        return False
+    if isinstance(data, bytes):
+        if b"\x00" in data:
+            return True
+        n = len(data) - len(data.translate(_CONTROL_TABLE, _CONTROL_BYTES))
+    else:
+        if "\x00" in data:
+            return True
+        n = len(_CONTROL_RE.findall(data)) + data.count("\ufffd")
+    return n > max_control_fraction * len(data)
+
+
+def normalise_text(text: str) -> str:
+    """Unicode NFC; CRLF and CR -> LF; strip a BOM and control characters except tab/newline."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = text.removeprefix("\ufeff")
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    return _CONTROL_RE.sub("", text)
+
+
+def doc_hash(text: str) -> bytes:
+    """128-bit hash of the normalised text (exact dedup key; also decides the split)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+class Step:
+    """A batch -> batch function with counters. Subclasses implement ``apply``."""
+
+    name = "step"
+
+    def __init__(self) -> None:
+        self.counters: Counter[str] = Counter()
+
+    def __call__(self, batch: Batch) -> Batch:
+        self.counters["in"] += alive_count(batch)
+        out = self.apply(batch)
+        self.counters["out"] += alive_count(out)
+        return out
+
+    def apply(self, batch: Batch) -> Batch:
+        raise NotImplementedError
+
+    def drop(self, batch: Batch, i: int, reason: str) -> None:
+        batch["reason"][i] = reason
+        self.counters[f"dropped.{reason}"] += 1
+
+
+def alive(batch: Batch) -> list[int]:
+    return [i for i, r in enumerate(batch["reason"]) if r is None]
+
+
+def alive_count(batch: Batch) -> int:
+    return sum(r is None for r in batch["reason"])
+
+
+def run_steps(steps: Iterable[Step], batch: Batch) -> Batch:
+    for step in steps:
+        batch = step(batch)
+    return batch
+
+
+class Decode(Step):
+    """Raw bytes -> text: ``binary`` (NUL or many control bytes), then ``invalid_utf8``."""
+
+    name = "decode"
+
+    def __init__(self, max_control_fraction: float = 0.05) -> None:
+        super().__init__()
+        self.max_control_fraction = max_control_fraction
+
+    def apply(self, batch: Batch) -> Batch:
+        raws, texts = batch["raw"], batch["text"]
+        for i in alive(batch):
+            raw = raws[i]
+            if raw is None:
+                continue
+            raws[i] = None
+            if is_binary(raw, self.max_control_fraction):
+                self.drop(batch, i, "binary")
+                continue
+            try:
+                texts[i] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self.drop(batch, i, "invalid_utf8")
+        return batch
+
+
+class Normalise(Step):
+    """NFC, newlines, no control characters (``normalise_text``)."""
+
+    name = "normalise"
+
+    def apply(self, batch: Batch) -> Batch:
+        texts = batch["text"]
+        for i in alive(batch):
+            t = normalise_text(texts[i])
+            if t != texts[i]:
+                self.counters["changed"] += 1
+            texts[i] = t
+        return batch
+
+
+class Filter(Step):
+    """Keeps a document when ``reason(text)`` returns None, else drops it with that reason."""
+
+    def reason(self, text: str) -> str | None:
+        raise NotImplementedError
+
+    def apply(self, batch: Batch) -> Batch:
+        texts = batch["text"]
+        for i in alive(batch):
+            r = self.reason(texts[i])
+            if r is not None:
+                self.drop(batch, i, r)
+        return batch
+
+
+class BinaryFilter(Filter):
+    """``binary`` for decoded text that is mostly control characters / replacement chars."""
+
+    name = "binary"
+
+    def __init__(self, max_control_fraction: float = 0.05) -> None:
+        super().__init__()
+        self.max_control_fraction = max_control_fraction
+
+    def reason(self, text: str) -> str | None:
+        return "binary" if is_binary(text, self.max_control_fraction) else None
+
+
+class LengthFilter(Filter):
+    """``empty`` (only whitespace), ``too_short`` and ``too_long`` in characters."""
+
+    name = "length"
+
+    def __init__(self, min_chars: int = 1, max_chars: int = 1_000_000) -> None:
+        super().__init__()
+        self.min_chars, self.max_chars = min_chars, max_chars
+
+    def reason(self, text: str) -> str | None:
+        if not text.strip():
+            return "empty"
+        if len(text) < self.min_chars:
+            return "too_short"
+        if len(text) > self.max_chars:
+            return "too_long"
+        return None
+
+
+class HashDocs(Step):
+    """``hash`` column: ``doc_hash`` of each alive document."""
+
+    name = "hash"
+
+    def apply(self, batch: Batch) -> Batch:
+        hashes = batch.setdefault("hash", [None] * len(batch["reason"]))
+        for i in alive(batch):
+            hashes[i] = doc_hash(batch["text"][i])
+        return batch
+
+
+class Dedup(Step):
+    """Exact dedup, first occurrence wins: drops a document whose hash is in ``seen``, else adds it.
+    Feed batches in the global order (earlier runs, then sorted paths, then file order)."""
+
+    name = "dedup"
+
+    def __init__(self, seen: set[bytes] | None = None) -> None:
+        super().__init__()
+        self.seen: set[bytes] = seen if seen is not None else set()
+
+    def apply(self, batch: Batch) -> Batch:
+        for i in alive(batch):
+            h = batch["hash"][i]
+            if h in self.seen:
+                self.drop(batch, i, "duplicate")
+            else:
+                self.seen.add(h)
+        return batch
+
+
+class MarkDuplicates(Step):
+    """Drops the documents at ``positions`` as ``duplicate`` (the driver resolved them globally)."""
+
+    name = "dedup"
+
+    def __init__(self, positions: Iterable[int]) -> None:
+        super().__init__()
+        self.positions = set(positions)
+
+    def apply(self, batch: Batch) -> Batch:
+        for i in alive(batch):
+            if batch["index"][i] in self.positions:
+                self.drop(batch, i, "duplicate")
+        return batch
+
+
+class SplitByHash(Step):
+    """``split`` column: 'val' for a ``val_fraction`` of documents chosen by hash, else 'train'."""
+
+    name = "split"
+
+    def __init__(self, val_fraction: float) -> None:
+        super().__init__()
+        self.threshold = round(val_fraction * 1_000_000)
+
+    def split_of(self, h: bytes) -> str:
+        return "val" if int.from_bytes(h[:8], "big") % 1_000_000 < self.threshold else "train"
+
+    def apply(self, batch: Batch) -> Batch:
+        splits = batch.setdefault("split", [None] * len(batch["reason"]))
+        for i in alive(batch):
+            splits[i] = self.split_of(batch["hash"][i])
+            self.counters[splits[i]] += 1
+        return batch
+
+
+class Tokenise(Step):
+    """``ids`` column (int32 arrays) with a ``tokenizers.Tokenizer``; special tokens inside the
+    text are encoded as plain text, so the end-of-document id never occurs inside a document."""
+
+    name = "tokenise"
+
+    def __init__(self, tokenizer: Any, batch_docs: int = 256) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.tokenizer.encode_special_tokens = True
+        self.batch_docs = batch_docs
+
+    def apply(self, batch: Batch) -> Batch:
+        ids = batch.setdefault("ids", [None] * len(batch["reason"]))
+        live = alive(batch)
+        texts = batch["text"]
+        for s in range(0, len(live), self.batch_docs):
+            part = live[s : s + self.batch_docs]
+            encs = self.tokenizer.encode_batch_fast(
+                [texts[i] for i in part], add_special_tokens=False
+            )
+            for i, e in zip(part, encs, strict=True):
+                ids[i] = np.asarray(e.ids, dtype=np.int32)
+                self.counters["tokens"] += len(e.ids)
+        return batch
+
+
+class Encode(Step):
+    """``codes`` column: token ids mapped through the code table (``code_of_id``), as the
+    smallest unsigned dtype holding B bits. Same result as ``BitCodec.to_codewords``."""
+
+    name = "encode"
+
+    def __init__(self, code_of_id: np.ndarray, dtype: np.dtype) -> None:
+        super().__init__()
+        self.code_of_id = np.asarray(code_of_id).astype(dtype)
+        self.dtype = np.dtype(dtype)
+
+    def apply(self, batch: Batch) -> Batch:
+        codes = batch.setdefault("codes", [None] * len(batch["reason"]))
+        for i in alive(batch):
+            codes[i] = self.code_of_id[batch["ids"][i]]
+        return batch
+
+
+class Packer:
+    """Joins documents, each followed by the end-of-document code, into rows of ``seq_len``.
+    The last row is padded with end-of-document codes; ``doc_starts`` lists, per row, the offsets
+    where a document begins (a document continuing from the previous row has no entry)."""
+
+    def __init__(self, seq_len: int, eod_code: int, dtype: np.dtype) -> None:
+        self.seq_len, self.eod_code, self.dtype = seq_len, eod_code, np.dtype(dtype)
+
+    def pack(self, docs: list[np.ndarray]) -> tuple[np.ndarray, list[list[int]], int]:
+        """(codes [rows, L], doc_starts per row, pad tokens)."""
+        L = self.seq_len
+        if not docs:
+            return np.zeros((0, L), self.dtype), [], 0
+        lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        total = int(lengths.sum())
+        rows = -(-total // L)
+        flat = np.full(rows * L, self.eod_code, dtype=self.dtype)
+        for s, d in zip(starts.tolist(), docs, strict=True):
+            flat[s : s + len(d)] = d
+        row_of = starts // L
+        doc_starts: list[list[int]] = [[] for _ in range(rows)]
+        for r, off in zip(row_of.tolist(), (starts % L).tolist(), strict=True):
+            doc_starts[r].append(off)
+        return flat.reshape(rows, L), doc_starts, rows * L - total
+
+
+def unpack(codes: np.ndarray, doc_starts: list[list[int]], eod_code: int) -> list[np.ndarray]:
+    """Inverse of ``Packer.pack``: the documents (without their end-of-document code)."""
+    if len(codes) == 0:
+        return []
+    L = codes.shape[1]
+    flat = codes.reshape(-1)
+    starts = np.array([r * L + s for r, row in enumerate(doc_starts) for s in row], dtype=np.int64)
+    eods = np.flatnonzero(flat == eod_code)
+    ends = eods[np.searchsorted(eods, starts)]
+    return [flat[s:e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def step_counters(steps: Iterable[Step]) -> dict[str, dict[str, int]]:
+    return {s.name: dict(s.counters) for s in steps}
+
+
+def merge_counters(into: dict[str, dict[str, int]], more: dict[str, dict[str, int]]) -> None:
+    for name, c in more.items():
+        d = into.setdefault(name, {})
+        for k, v in c.items():
+            d[k] = d.get(k, 0) + int(v)
+
+
+def scan_steps(max_control_fraction: float, min_chars: int, max_chars: int) -> list[Step]:
+    """decode -> normalise -> binary -> length -> hash: the steps that decide what is kept."""
+    return [
+        Decode(max_control_fraction),
+        Normalise(),
+        BinaryFilter(max_control_fraction),
+        LengthFilter(min_chars, max_chars),
+        HashDocs(),
+    ]

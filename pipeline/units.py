@@ -1,0 +1,197 @@
+"""Units of work, run inside Ray Data tasks (and directly by unit tests): ``scan`` and ``encode``.
+
+A unit is a deterministic group of input files (its id is a hash of their paths). Both functions
+take a plain JSON-able spec, write their outputs with atomic whole-object writes, and finish with a
+marker, so a killed run that is rerun finds the finished units and redoes only the rest:
+
+- scan: read -> decode -> normalise -> filters -> hash, for each file; writes
+  ``index/<filekey>.parquet`` (one row per document: position, hash, drop reason). Its presence
+  is the marker. The driver resolves duplicates globally from these files.
+- encode: the same steps again, then mark the duplicates the driver resolved -> split ->
+  tokenise -> bit-encode -> pack -> write ``shards/<split>/<unit>-00000.parquet`` (and optional
+  ``rejects/<unit>.jsonl.gz``), then the marker ``_work/units/<unit>.json``.
+
+This module must not import torch (workers stay light): code words are looked up with numpy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.readers import read_documents
+from pipeline.shards import encode_shard, sha256_hex
+from pipeline.steps import (
+    Batch,
+    Encode,
+    MarkDuplicates,
+    Packer,
+    SplitByHash,
+    Step,
+    Tokenise,
+    alive,
+    merge_counters,
+    run_steps,
+    scan_steps,
+    step_counters,
+)
+from pipeline.storage import Storage
+
+__all__ = ["codeword_dtype", "encode_unit", "index_table", "run_task", "scan_unit"]
+
+_CACHE: dict[str, Any] = {}
+
+
+def codeword_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype holding B = ceil(log2 V) bits (as ``BitCodec.codeword_dtype``)."""
+    bits = max(1, math.ceil(math.log2(vocab_size)))
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if bits <= np.iinfo(dt).bits:
+            return np.dtype(dt)
+    raise ValueError(f"vocab_size {vocab_size} too large")
+
+
+def _read_file(storage: Storage, f: dict[str, Any], filters: dict[str, Any]) -> tuple[Batch, list]:
+    data = storage.read_bytes(f["path"])
+    batch = read_documents(data, f["path"], f["format"], f["text_unit"], f["text_field"])
+    steps = scan_steps(filters["max_control_fraction"], filters["min_chars"], filters["max_chars"])
+    return run_steps(steps, batch), steps
+
+
+def index_table(batch: Batch) -> pa.Table:
+    """One row per document of a file: position, 16-byte hash (null if dropped), drop reason."""
+    n = len(batch["reason"])
+    hashes = batch.get("hash", [None] * n)
+    return pa.table(
+        {
+            "index": pa.array(batch["index"], type=pa.int64()),
+            "hash": pa.array(
+                [h if r is None else None for h, r in zip(hashes, batch["reason"], strict=True)],
+                type=pa.binary(16),
+            ),
+            "reason": pa.array(batch["reason"], type=pa.string()),
+        }
+    )
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=False)
+    return buf.getvalue()
+
+
+def scan_unit(spec: dict[str, Any]) -> dict[str, Any]:
+    """Writes the index file of every file in the unit; returns counters."""
+    storage = Storage(spec["s3"])
+    t0 = time.perf_counter()
+    counters: dict[str, dict[str, int]] = {}
+    nbytes = 0
+    for f in spec["files"]:
+        batch, steps = _read_file(storage, f, spec["filters"])
+        merge_counters(counters, step_counters(steps))
+        nbytes += f["size"]
+        storage.write_atomic(f"{spec['root']}/{f['index']}", _table_bytes(index_table(batch)))
+    return {"unit": spec["unit"], "bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+
+def _dataset_codec(storage: Storage, root: str, tok_hash: str) -> tuple[Any, np.ndarray]:
+    """(tokenizer, code_of_id) of a dataset, cached per worker process."""
+    key = f"{root}|{tok_hash}"
+    if key not in _CACHE:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(storage.read_bytes(f"{root}/tokenizer.json").decode())
+        table = json.loads(storage.read_bytes(f"{root}/code_table.json"))
+        v = int(table["vocab_size"])
+        code = table["code_of_id"]
+        code_of_id = np.arange(v, dtype=np.int64) if code is None else np.asarray(code, np.int64)
+        _CACHE.clear()
+        _CACHE[key] = (tok, code_of_id)
+    return _CACHE[key]
+
+
+def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
+    """Writes the unit's shards (and rejects), then its marker; returns the marker's content."""
+    storage = Storage(spec["s3"])
+    root, unit = spec["root"], spec["unit"]
+    t0 = time.perf_counter()
+    tok, code_of_id = _dataset_codec(storage, root, spec["tokenizer_hash"])
+    eod_id = int(spec["eod_id"])
+    dtype = codeword_dtype(len(code_of_id))
+    counters: dict[str, dict[str, int]] = {}
+    tokenise, encode = Tokenise(tok), Encode(code_of_id, dtype)
+    split = SplitByHash(spec["val_fraction"])
+    docs: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    rejects: list[bytes] = []
+    for f in spec["files"]:
+        batch, steps = _read_file(storage, f, spec["filters"])
+        tail: list[Step] = [MarkDuplicates(f["dups"]), split]
+        batch = run_steps(tail, batch)
+        merge_counters(counters, step_counters([*steps, tail[0]]))
+        live = alive(batch)
+        if len(live) != f["expect_kept"]:
+            raise RuntimeError(
+                f"{f['path']} changed while it was being processed "
+                f"({len(live)} documents kept now, {f['expect_kept']} at scan time)"
+            )
+        batch = run_steps([tokenise, encode], batch)
+        for i in live:
+            docs[batch["split"][i]].append(batch["codes"][i])
+        if spec["rejects"]:
+            for i, r in enumerate(batch["reason"]):
+                if r is None:
+                    continue
+                text = batch["text"][i]
+                rec = {"source": f["path"], "index": batch["index"][i], "reason": r, "text": text}
+                rejects.append(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
+    merge_counters(counters, step_counters([split, tokenise, encode]))
+    packer = Packer(spec["seq_len"], int(code_of_id[eod_id]), dtype)
+    shards = []
+    for name in ("train", "val"):
+        if not docs[name]:
+            continue
+        codes, starts, pad = packer.pack(docs[name])
+        data = encode_shard(codes, starts, spec["row_group_rows"])
+        path = f"shards/{name}/{unit}-00000.parquet"
+        storage.write_atomic(f"{root}/{path}", data)
+        shards.append(
+            {
+                "path": path,
+                "split": name,
+                "rows": int(codes.shape[0]),
+                "tokens": int(codes.size),
+                "pad_tokens": int(pad),
+                "docs": len(docs[name]),
+                "bytes": len(data),
+                "sha256": sha256_hex(data),
+                "unit": unit,
+                "inputs": [f["path"] for f in spec["files"]],
+            }
+        )
+    if rejects:
+        buf = io.BytesIO()
+        with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+            gz.write(b"".join(rejects))
+        storage.write_atomic(f"{root}/rejects/{unit}.jsonl.gz", buf.getvalue())
+    marker = {"unit": unit, "plan": spec["plan"], "shards": shards, "counters": counters}
+    storage.write_atomic(f"{root}/_work/units/{unit}.json", json.dumps(marker).encode())
+    marker["seconds"] = time.perf_counter() - t0
+    return marker
+
+
+def run_task(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` entry: each row holds one JSON spec; returns one JSON result."""
+    out = []
+    for item in batch["spec"]:
+        spec = json.loads(str(item))
+        fn = scan_unit if spec["kind"] == "scan" else encode_unit
+        out.append(json.dumps(fn(spec)))
+    return {"result": np.array(out, dtype=object)}

@@ -1,0 +1,208 @@
+"""``verify(dataset)``: every shard against the manifest, code words < V, and a decode sample.
+
+Checks: tokenizer.json and code_table.json hashes; per shard the sha256, byte size, row and token
+counts, row length L, every code word < V, document offsets in range and document counts; shard
+files not listed in the manifest (left by an interrupted run) are reported as warnings. Then, for
+``sample_units`` units, the input files are read again, the same steps applied, duplicates replayed
+from the index files, and the decoded shard documents must equal the kept documents exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from pipeline.driver import _read_index, _root, read_manifest, storage_for
+from pipeline.readers import read_documents
+from pipeline.shards import decode_shard, sha256_hex
+from pipeline.steps import MarkDuplicates, SplitByHash, alive, run_steps, scan_steps, unpack
+
+__all__ = ["decode_dataset", "verify"]
+
+
+def _codec(storage: Any, root: str) -> tuple[Any, np.ndarray, str, str]:
+    from tokenizers import Tokenizer
+
+    tok_text = storage.read_bytes(f"{root}/tokenizer.json").decode()
+    table_text = storage.read_bytes(f"{root}/code_table.json").decode()
+    table = json.loads(table_text)
+    v = int(table["vocab_size"])
+    code = table["code_of_id"]
+    code_of_id = np.arange(v) if code is None else np.asarray(code, dtype=np.int64)
+    return Tokenizer.from_str(tok_text), code_of_id, tok_text, table_text
+
+
+def decode_dataset(dataset: str, split: str = "train") -> list[str]:
+    """All documents of a split, decoded to text, in manifest order."""
+    root = _root(dataset)
+    storage = storage_for(root)
+    manifest = read_manifest(storage, root)
+    if manifest is None:
+        raise FileNotFoundError(f"{root}/manifest.json")
+    tok, code_of_id, _, _ = _codec(storage, root)
+    id_of_code = np.argsort(code_of_id)
+    out = []
+    for s in manifest["shards"]:
+        if s["split"] != split:
+            continue
+        codes, starts = decode_shard(storage.read_bytes(f"{root}/{s['path']}"))
+        for d in unpack(codes, starts, manifest["eod_code"]):
+            out.append(
+                tok.decode(id_of_code[d.astype(np.int64)].tolist(), skip_special_tokens=False)
+            )
+    return out
+
+
+def verify(dataset: str, sample_units: int = 2) -> dict[str, Any]:
+    """Checks a dataset (see the module docstring); returns a report with ``ok`` and ``errors``."""
+    root = _root(dataset)
+    storage = storage_for(root)
+    errors: list[str] = []
+    warnings: list[str] = []
+    manifest = read_manifest(storage, root)
+    if manifest is None:
+        return {"ok": False, "errors": [f"{root}: no manifest.json (unfinished or not a dataset)"]}
+    tok, code_of_id, tok_text, table_text = _codec(storage, root)
+    from bitlm.codec import CodeTable
+
+    if hashlib.sha256(tok_text.encode()).hexdigest() != manifest["tokenizer_hash"]:
+        errors.append("tokenizer.json: sha256 differs from the manifest")
+    if CodeTable.from_json(table_text).hash != manifest["code_table_hash"]:
+        errors.append("code_table.json: hash differs from the manifest")
+    V, L, eod = manifest["vocab_size"], manifest["seq_len"], manifest["eod_code"]
+    if len(code_of_id) != V:
+        errors.append(f"code table has {len(code_of_id)} entries, manifest V={V}")
+    decoded: dict[str, list[np.ndarray]] = {}
+    rows = tokens = 0
+    for s in manifest["shards"]:
+        path = f"{root}/{s['path']}"
+        try:
+            data = storage.read_bytes(path)
+        except (OSError, FileNotFoundError):
+            errors.append(f"{s['path']}: missing")
+            continue
+        if sha256_hex(data) != s["sha256"] or len(data) != s["bytes"]:
+            errors.append(f"{s['path']}: checksum or size differs from the manifest")
+            continue
+        codes, starts = decode_shard(data)
+        if codes.dtype.name != manifest["codeword_dtype"]:
+            errors.append(f"{s['path']}: dtype {codes.dtype} != {manifest['codeword_dtype']}")
+        if codes.shape[0] != s["rows"] or codes.size != s["tokens"] or codes.shape[1:] != (L,):
+            errors.append(f"{s['path']}: shape {codes.shape} does not match rows/tokens/seq_len")
+            continue
+        if codes.size and int(codes.max()) >= V:
+            errors.append(f"{s['path']}: code word {int(codes.max())} >= V={V}")
+        if any(not (0 <= x < L) for row in starts for x in row) or any(
+            row != sorted(row) for row in starts
+        ):
+            errors.append(f"{s['path']}: doc_starts out of range or unsorted")
+            continue
+        docs = unpack(codes, starts, eod)
+        if len(docs) != s["docs"]:
+            errors.append(f"{s['path']}: {len(docs)} documents, manifest says {s['docs']}")
+        decoded[s["path"]] = docs
+        rows += s["rows"]
+        tokens += s["tokens"]
+    listed = {s["path"] for s in manifest["shards"]}
+    for split in ("train", "val"):
+        for name in storage.list_names(f"{root}/shards/{split}"):
+            if f"shards/{split}/{name}" not in listed:
+                warnings.append(f"shards/{split}/{name}: not in the manifest (ignored by readers)")
+    checked = _decode_sample(
+        storage, root, manifest, tok, code_of_id, decoded, sample_units, errors
+    )
+    return {
+        "ok": not errors,
+        "dataset": root,
+        "shards": len(manifest["shards"]),
+        "rows": rows,
+        "tokens": tokens,
+        "sample_units": checked,
+        "errors": errors,
+        "warnings": warnings,
+    }
+
+
+def _decode_sample(
+    storage: Any,
+    root: str,
+    manifest: dict[str, Any],
+    tok: Any,
+    code_of_id: np.ndarray,
+    decoded: dict[str, list[np.ndarray]],
+    sample_units: int,
+    errors: list[str],
+) -> list[str]:
+    units: list[str] = []
+    for rec in manifest["inputs"]:
+        if rec["unit"] is not None and rec["unit"] not in units:
+            units.append(rec["unit"])
+    if not units or sample_units <= 0:
+        return []
+    pick = sorted(
+        {units[0], units[-1], *units[:: max(1, len(units) // sample_units)]}, key=units.index
+    )[: max(sample_units, 1)]
+    id_of_code = np.argsort(code_of_id)
+    flt = manifest["recipe"]["filters"]
+    split = SplitByHash(manifest["recipe"]["val_fraction"])
+    seen: set[bytes] = set()
+    want = set(pick)
+    expected: dict[str, dict[str, list[str]]] = {u: {"train": [], "val": []} for u in pick}
+    for rec in manifest["inputs"]:
+        t = _read_index(storage, root, rec["index"])
+        dups = []
+        for pos, h in zip(t.column("index").to_pylist(), t.column("hash").to_pylist(), strict=True):
+            if h is None:
+                continue
+            if h in seen:
+                dups.append(pos)
+            seen.add(h)
+        if rec["unit"] not in want:
+            continue
+        try:
+            info_size = len(data := storage.read_bytes(rec["path"]))
+        except Exception:
+            errors.append(f"{rec['path']}: input unreadable, cannot check decoding")
+            want.discard(rec["unit"])
+            continue
+        if info_size != rec["size"]:
+            errors.append(f"{rec['path']}: input changed since it was processed")
+            want.discard(rec["unit"])
+            continue
+        batch = read_documents(
+            data, rec["path"], rec["format"], rec["text_unit"], rec["text_field"]
+        )
+        steps = [
+            *scan_steps(flt["max_control_fraction"], flt["min_chars"], flt["max_chars"]),
+            MarkDuplicates(dups),
+            split,
+        ]
+        batch = run_steps(steps, batch)
+        for i in alive(batch):
+            expected[rec["unit"]][batch["split"][i]].append(batch["text"][i])
+    checked = []
+    for u in pick:
+        if u not in want:
+            continue
+        for s in manifest["shards"]:
+            if s["unit"] != u or s["path"] not in decoded:
+                continue
+            got = [
+                tok.decode(id_of_code[d.astype(np.int64)].tolist(), skip_special_tokens=False)
+                for d in decoded[s["path"]]
+            ]
+            exp = expected[u][s["split"]]
+            if got != exp:
+                bad = next(
+                    (i for i, (a, b) in enumerate(zip(got, exp, strict=False)) if a != b),
+                    min(len(got), len(exp)),
+                )
+                errors.append(
+                    f"{s['path']}: decoded documents differ from the input at document {bad} "
+                    f"({len(got)} decoded, {len(exp)} expected)"
+                )
+        checked.append(u)
+    return checked
