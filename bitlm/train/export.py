@@ -74,7 +74,7 @@ def export_checkpoint(run: str, out: str | Path, storage_path: str = "runs") -> 
     """Write ``out`` = model.safetensors + config.json + code_table.json + tokenizer.json +
     recipe.yaml + trainer_state.json."""
     ckpt = resolve_checkpoint(run, storage_path)
-    model, recipe, state = load_checkpoint_model(ckpt)
+    model, _, _ = load_checkpoint_model(ckpt)
     out = Path(out)
     model.save_pretrained(out)
     fs, base = open_fs(ckpt)

@@ -8,6 +8,7 @@ unreachable it warns once, keeps the queue, and catches up when the server retur
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -151,10 +152,8 @@ class RunLogger:
         self._thread.join(timeout_s)
         self._stop.set()
         if self._monitor is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._monitor.finish()
-            except Exception:
-                pass
         done = not self._pending and self._q.empty()
         if not done:
             log.warning("MLflow: %d logging calls could not be sent", len(self._pending))

@@ -407,17 +407,10 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
                 _evaluate(recipe, engine, man, data.codec, step, rank, world, device, tracker)
 
             due = recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0
-            flag = torch.tensor(
-                float(
-                    bool(due)
-                    or (step == stop_at and recipe.checkpoint.at_end)
-                    or (
-                        recipe.checkpoint.every_minutes > 0
-                        and time.monotonic() - last_ckpt_time > 60 * recipe.checkpoint.every_minutes
-                    )
-                ),
-                device=device,
-            )
+            minutes = recipe.checkpoint.every_minutes
+            timed = minutes > 0 and time.monotonic() - last_ckpt_time > 60 * minutes
+            at_end = step == stop_at and recipe.checkpoint.at_end
+            flag = torch.tensor(float(bool(due) or at_end or timed), device=device)
             if world > 1:
                 dist.broadcast(flag, 0)  # rank 0's clock decides the time policy
             if flag.item():
