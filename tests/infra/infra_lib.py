@@ -32,7 +32,9 @@ KUBERAY_KINDS = ("RayCluster", "RayJob", "RayCronJob")
 
 CLUSTER_LAUNCHER_CONFIGS = sorted((INFRA / "ray-cluster").glob("*.yaml"))
 COMPOSE_FILES = sorted((INFRA / "mlflow" / "compose").glob("docker-compose*.yaml"))
-DOCKERFILES = sorted((INFRA / "docker").glob("Dockerfile*"))
+DOCKERFILES = sorted(
+    p for p in (INFRA / "docker").glob("Dockerfile*") if not p.name.endswith(".dockerignore")
+)
 
 # Entry point -> the config class its --config recipe is loaded with.
 ENTRY_POINT_CONFIGS = {

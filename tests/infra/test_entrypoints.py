@@ -151,3 +151,78 @@ def test_mlflow_parse_rejects_typos():
 
     with pytest.raises(Exception):  # noqa: B017 - click usage error
         server.make_context("mlflow server", ["--app-name", "basic_auth"])
+
+
+# The training recipes must fit the clusters that run them: Ray Train places num_workers workers,
+# each {CPU: cpus_per_worker, GPU: 1 if use_gpu}; a recipe that does not fit waits forever.
+def _quantity(q) -> float:
+    s = str(q)
+    if s.endswith("m"):
+        return float(s[:-1]) / 1000
+    return float(s)
+
+
+def _kuberay_worker_nodes(cluster_spec: dict) -> list[tuple[int, float, float]]:
+    """(max nodes, CPUs, GPUs) per worker group, as KubeRay advertises them to Ray."""
+    out = []
+    for group in cluster_spec.get("workerGroupSpecs", []):
+        container = group["template"]["spec"]["containers"][0]
+        limits = container["resources"].get("limits", {})
+        params = group.get("rayStartParams", {})
+        cpus = float(params.get("num-cpus", _quantity(limits.get("cpu", 0))))
+        gpus = float(params.get("num-gpus", _quantity(limits.get("nvidia.com/gpu", 0))))
+        nodes = group["maxReplicas"] * group.get("numOfHosts", 1)
+        out.append((nodes, cpus, gpus))
+    return out
+
+
+def _launcher_worker_nodes(config: dict) -> list[tuple[int, float, float]]:
+    out = []
+    for name, t in config["available_node_types"].items():
+        if name != config["head_node_type"]:
+            res = t["resources"]
+            out.append((t["max_workers"], float(res.get("CPU", 0)), float(res.get("GPU", 0))))
+    return out
+
+
+def _fits(recipe, nodes: list[tuple[int, float, float]]) -> bool:
+    per_worker_gpu = 1.0 if recipe.use_gpu else 0.0
+    placed = 0
+    for count, cpus, gpus in nodes:
+        by_cpu = int(cpus // recipe.cpus_per_worker)
+        by_gpu = int(gpus // per_worker_gpu) if per_worker_gpu else by_cpu
+        placed += count * min(by_cpu, by_gpu)
+    return placed >= recipe.num_workers
+
+
+GPU_RECIPES = ["recipes/pretrain/gpu-125m-8x.yaml", "recipes/pretrain/gpu-1b-8x.yaml"]
+
+
+def _train_recipe(path: str):
+    from bitlm.recipe import load_recipe
+    from bitlm.train.config import TrainRecipe
+
+    return load_recipe(TrainRecipe, L.REPO / path, [])
+
+
+@pytest.mark.parametrize("recipe_path", GPU_RECIPES)
+def test_gpu_recipes_fit_the_clusters(recipe_path):
+    recipe = _train_recipe(recipe_path)
+    assert recipe.use_gpu
+    clusters = {}
+    for path, _, doc in L.manifests():
+        if doc["kind"] == "RayJob" and "jobs/pretrain.py" in doc["spec"]["entrypoint"]:
+            clusters[path.name] = _kuberay_worker_nodes(doc["spec"]["rayClusterSpec"])
+        if doc["kind"] == "RayCluster":
+            clusters[path.name] = _kuberay_worker_nodes(doc["spec"])
+    for path in L.CLUSTER_LAUNCHER_CONFIGS:
+        clusters[path.name] = _launcher_worker_nodes(yaml.safe_load(path.read_text()))
+    assert len(clusters) >= 3
+    for name, nodes in clusters.items():
+        assert _fits(recipe, nodes), f"{recipe_path} does not fit {name}: {nodes}"
+
+
+def test_fit_check_has_teeth():
+    recipe = _train_recipe(GPU_RECIPES[0])
+    assert not _fits(recipe, [(1, 88.0, 4.0)])  # 4 GPUs for 8 workers
+    assert not _fits(recipe, [(1, 32.0, 8.0)])  # too few CPUs for 8 x cpus_per_worker

@@ -77,7 +77,7 @@ def ray_version_problems(docs: list, name: str, pins: dict[str, str]) -> list[st
 
 def requirement_problems(text: str, name: str, pins: dict[str, str]) -> list[str]:
     problems = []
-    for pkg, ver in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", text, flags=re.M):
+    for pkg, ver in re.findall(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)", text, flags=re.M):
         if pkg.lower() in pins and pins[pkg.lower()] != ver:
             problems.append(f"{name}: {pkg}=={ver}, pyproject pins {pins[pkg.lower()]}")
     return problems
@@ -170,7 +170,7 @@ def test_install_order_matches_setup_sh():
         ("infra/kuberay/rayjob-pretrain.yaml", 'rayVersion: "2.60.0"', 'rayVersion: "2.61.0"'),
         ("infra/kuberay/raycronjob-preprocess.yaml", "-ray2.60.0-", "-ray2.6.0-"),
         ("infra/ray-cluster/aws.yaml", "-torch2.13.0-", "-torch2.13.1-"),
-        ("infra/mlflow/requirements.txt", "mlflow==3.17.2", "mlflow==3.18.0"),
+        ("infra/mlflow/requirements.txt", "mlflow[auth]==3.17.2", "mlflow[auth]==3.18.0"),
         ("infra/mlflow/k8s/mlflow.yaml", "bitlm-mlflow:3.17.2", "bitlm-mlflow:3.17.1"),
         ("infra/mlflow/compose/docker-compose.yaml", "bitlm-mlflow:3.17.2", "bitlm-mlflow:3.1"),
         ("scripts/constraints.txt", "torch==2.13.0", "torch==2.14.0"),
