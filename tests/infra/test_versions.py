@@ -31,6 +31,18 @@ def project_version() -> str:
     return tomllib.loads((L.REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
+def python_version() -> str:
+    """X.Y from requires-python (">=3.11,<3.12"): the one minor version the project supports."""
+    import tomllib
+
+    spec = tomllib.loads((L.REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    m = re.fullmatch(r">=\s*(\d+)\.(\d+)\s*,\s*<\s*(\d+)\.(\d+)", spec.strip())
+    assert m, f"requires-python {spec!r}: expected '>=X.Y,<X.Y+1'"
+    major, minor, major2, minor2 = map(int, m.groups())
+    assert (major2, minor2) == (major, minor + 1), spec
+    return f"{major}.{minor}"
+
+
 def dockerfile_problems(text: str, name: str, pins: dict[str, str]) -> list[str]:
     args = dict(re.findall(r"^ARG\s+([A-Z_]+)=(\S+)", text, flags=re.M))
     problems = []
@@ -42,11 +54,12 @@ def dockerfile_problems(text: str, name: str, pins: dict[str, str]) -> list[str]
     ):
         if key in args and args[key] != pins[pin]:
             problems.append(f"{name}: ARG {key}={args[key]}, pyproject pins {pin}=={pins[pin]}")
-    if "PYTHON_VERSION" in args and args["PYTHON_VERSION"] != "3.11":
-        problems.append(f"{name}: PYTHON_VERSION={args['PYTHON_VERSION']}, project needs 3.11")
+    py = python_version()
+    if "PYTHON_VERSION" in args and args["PYTHON_VERSION"] != py:
+        problems.append(f"{name}: PYTHON_VERSION={args['PYTHON_VERSION']}, project needs {py}")
     for base in re.findall(r"^FROM\s+python:(\S+)", text, flags=re.M):
-        if not base.startswith("3.11"):
-            problems.append(f"{name}: FROM python:{base}, project needs 3.11")
+        if not re.match(rf"{re.escape(py)}(\D|$)", base):
+            problems.append(f"{name}: FROM python:{base}, project needs {py}")
     return problems
 
 
@@ -174,6 +187,8 @@ def test_install_order_matches_setup_sh():
         ("infra/mlflow/k8s/mlflow.yaml", "bitlm-mlflow:3.17.2", "bitlm-mlflow:3.17.1"),
         ("infra/mlflow/compose/docker-compose.yaml", "bitlm-mlflow:3.17.2", "bitlm-mlflow:3.1"),
         ("scripts/constraints.txt", "torch==2.13.0", "torch==2.14.0"),
+        ("infra/docker/Dockerfile.gpu", "ARG PYTHON_VERSION=3.11", "ARG PYTHON_VERSION=3.12"),
+        ("infra/docker/Dockerfile.mlflow", "FROM python:3.11-slim", "FROM python:3.12-slim"),
     ],
 )
 def test_drift_is_caught(file, old, new):
