@@ -113,6 +113,11 @@ class DiffusionHead(nn.Module):
             return self.force_fused
         if not (x.is_cuda and self.cfg.fused_head):
             return False
+        # The kernels want one dtype throughout (bf16 or fp32 parameters, as DeepSpeed's bf16
+        # mode gives), and read weights outside their module's forward, which ZeRO-3's gather
+        # hooks would not see (its partitioned parameters carry ds_id): reference path then.
+        if torch.is_autocast_enabled(x.device.type) or hasattr(self.out.weight, "ds_id"):
+            return False
         from .kernels import HAS_TRITON
 
         return HAS_TRITON

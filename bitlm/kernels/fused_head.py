@@ -3,12 +3,13 @@
 These functions read the parameters of a reference DiffusionHead (bitlm/head.py), so the fused
 and the reference path share one module and one state_dict. What is fused:
     LN + modulate before the slot attention and before the output layer (ln_modulate),
+    the attention output projection with its gated residual (linear_gated_residual),
     the whole adaLN MLP sub-block (adaln_mlp), the noising (noise_bits), the loss (fused_bit_loss),
     sign + exact repair (repair_words).
-The slot attention over m <= 8 slots and the small conditioning/input/output linears stay in
-PyTorch (cuBLAS / SDPA). Decoding captures the K-step Euler loop, the batched guidance and the
-repair in one CUDA graph per (head, shape, steps, guidance) and replays it: one graph launch per
-block instead of hundreds of kernel launches."""
+The slot attention over m <= 8 slots (SDPA), the qkv projection and the small
+conditioning/input/output linears stay in PyTorch (cuBLAS). Decoding captures the K-step Euler
+loop, the batched guidance and the repair in one CUDA graph per (head, shape, steps, guidance)
+and replays it: one graph launch per block instead of hundreds of kernel launches."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import Tensor
 from ..head import timestep_embedding
 from .bits import noise_bits, repair_words
 from .loss import fused_bit_loss
-from .mlp import adaln_mlp, ln_modulate
+from .mlp import adaln_mlp, linear_gated_residual, ln_modulate
 
 if TYPE_CHECKING:
     from ..head import DiffusionHead
@@ -45,9 +46,13 @@ def fused_forward(
     temb = head.t_mlp(timestep_embedding(t).to(h.dtype))  # [R, W]
     y = F.silu(head.cond_proj(h) + temb[:, None, :])  # [R, m, W]
     z = head.in_proj(x_t) + head.slot_pos  # [R, m, W]
+    R, m, W = z.shape
     for blk in head.blocks:
         s1, c1, g1, s2, c2, g2 = blk.ada(y).chunk(6, dim=-1)  # views [R, m, W]
-        z = z + g1 * blk.attn(ln_modulate(z, s1, c1))
+        qkv = blk.qkv(ln_modulate(z, s1, c1)).view(R, m, 3, blk.heads, W // blk.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [R, heads, m, W/heads] each
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # [R, m, heads, W/heads]
+        z = linear_gated_residual(a.reshape(R, m, W), blk.proj, g1, z)  # z + g1 proj(a)
         z = adaln_mlp(z, s2, c2, g2, blk.fc1, blk.fc2)
     shift, scale = head.final_ada(y).chunk(2, dim=-1)
     out = head.out(ln_modulate(z, shift, scale))  # [R, m, B]

@@ -21,7 +21,15 @@ from torch import Tensor
 
 from . import interpreting
 
-__all__ = ["AdaLNMLP", "LNModulate", "adaln_mlp", "linear_epilogue", "ln_modulate"]
+__all__ = [
+    "AdaLNMLP",
+    "LNModulate",
+    "LinearGatedResidual",
+    "adaln_mlp",
+    "linear_epilogue",
+    "linear_gated_residual",
+    "ln_modulate",
+]
 
 LN_EPS = 1e-6  # as the reference head's nn.LayerNorm(eps=1e-6)
 
@@ -263,6 +271,23 @@ def _mm_kernel(
     tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+# Large bf16/fp16 GEMMs (training sizes) pick their tiles by autotuning on first use; the rest
+# (interpreter, fp32, decoding sizes) use the heuristic below. Tuning never runs under graph
+# capture: the decode sampler's GEMMs are small, and it warms up before capturing anyway.
+TUNE_MIN_M = 8192
+_TUNE_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 3),
+        (64, 256, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+    ]
+]
+_mm_kernel_tuned = triton.autotune(_TUNE_CONFIGS, key=["N", "K", "EPI", "HAS_BIAS"])(_mm_kernel)
+
+
 def _mm_config(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); tl.dot needs every block >= 16."""
     p2 = lambda n, lo, hi: max(lo, min(hi, triton.next_power_of_2(n)))
@@ -270,7 +295,9 @@ def _mm_config(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int, in
         return p2(M, 16, 64), p2(N, 16, 64), p2(K, 16, 64), 4, 1
     if dtype == torch.float32:
         return p2(M, 16, 64 if M < 8192 else 128), p2(N, 16, 128), p2(K, 16, 32), 8, 3
-    if M < 8192:  # decoding-sized: more programs
+    if M <= 256:  # decoding-sized: narrow tiles so that enough programs fill the SMs
+        return p2(M, 16, 64), p2(N, 16, 32), p2(K, 16, 64), 4, 4
+    if M < TUNE_MIN_M:
         return p2(M, 16, 64), p2(N, 16, 64), p2(K, 16, 64), 4, 4
     return 128, 128, 64, 8, 3
 
@@ -303,10 +330,19 @@ def linear_epilogue(
         res = res.contiguous()
     if epi == EPI_DSILU:
         assert aux is not None and aux.is_contiguous()
-    bm, bn, bk, warps, stages = _mm_config(M, N, K, a.dtype)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    dot_fp32 = interpreting() or a.dtype == torch.float32
+    tune = not dot_fp32 and M >= TUNE_MIN_M
+    if tune:
+        kernel = _mm_kernel_tuned
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        launch = {}
+    else:
+        kernel = _mm_kernel
+        bm, bn, bk, warps, stages = _mm_config(M, N, K, a.dtype)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     dummy = c
-    _mm_kernel[grid](
+    kernel[grid](
         a,
         w,
         c,
@@ -324,16 +360,12 @@ def linear_epilogue(
         0 if gate is None else gate.stride(0),
         EPI=epi,
         HAS_BIAS=bias is not None,
-        DOT_FP32=interpreting() or a.dtype == torch.float32,
+        DOT_FP32=dot_fp32,
         ALLOW_TF32=a.dtype == torch.float32
         and not interpreting()
         and torch.backends.cuda.matmul.allow_tf32,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
         GROUP_M=8,
-        num_warps=warps,
-        num_stages=stages,
+        **launch,
     )
     return c, aux_out
 
@@ -367,6 +399,35 @@ def _gate_bwd(dout: Tensor, f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     block = min(4096, triton.next_power_of_2(n)) if interpreting() else 2048
     _gate_bwd_kernel[(triton.cdiv(n, block),)](dout, f, g, df, dg, n, W, g.stride(0), block)
     return df, dg
+
+
+# ---- linear + gated residual (the attention branch's output projection) --------------------------
+class LinearGatedResidual(torch.autograd.Function):
+    """out = res + g * (inp @ w^T + b). inp [M, K]; w [N, K]; b [N]; g [M, N] view with column
+    stride 1; res [M, N] contiguous."""
+
+    @staticmethod
+    def forward(ctx, inp, w, b, g, res):
+        out, f = linear_epilogue(inp, w, b, epi=EPI_GATED, gate=g, res=res)  # [M, N] each
+        ctx.save_for_backward(inp, w, g, f)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        inp, w, g, f = ctx.saved_tensors
+        df, dg = _gate_bwd(dout, f, g)  # [M, N]
+        dinp, _ = linear_epilogue(df, w, transpose_w=False)  # [M, K]
+        return dinp, df.t().mm(inp), df.sum(0), dg, dout
+
+
+def linear_gated_residual(inp: Tensor, lin: torch.nn.Linear, g: Tensor, res: Tensor) -> Tensor:
+    """res + g * lin(inp), fused. inp [..., K]; g, res [..., N] -> [..., N]."""
+    N, K = lin.out_features, lin.in_features
+    rows = lambda u: u.reshape(-1, N) if u.stride(-1) == 1 else u.contiguous().view(-1, N)
+    out = LinearGatedResidual.apply(
+        inp.reshape(-1, K), lin.weight, lin.bias, rows(g), res.reshape(-1, N).contiguous()
+    )
+    return out.view(res.shape)
 
 
 # ---- the whole adaLN MLP sub-block -------------------------------------------------------------

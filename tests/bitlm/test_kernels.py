@@ -381,3 +381,36 @@ def test_generate_cuda(dtype):
     assert out.shape == (2, 16) and torch.equal(out[:, :6], prompt)
     assert bool((out >= 0).all() and (out < cfg.vocab_size).all())
     assert _GRAPHS, "the fused decode path did not capture a graph"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adaln_mlp_large_cuda(dtype):
+    """Training-sized rows take the autotuned GEMM path (bf16, M >= TUNE_MIN_M)."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    from bitlm.kernels.mlp import TUNE_MIN_M
+
+    W, M = 256, TUNE_MIN_M + 96
+    blk = randomise(AdaLNBlock(W, 2, 2.0), std=1 / 16, seed=5).cuda()
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(M, W, device="cuda", generator=g)
+    ada = torch.randn(M, 3 * W, device="cuda", generator=g) * 0.3
+    dout = torch.randn(M, W, device="cuda", generator=g)
+
+    def run(fused: bool, dt):
+        b = copy.deepcopy(blk).to(dtype=dt)
+        xx, aa = x.to(dt).requires_grad_(), ada.to(dt).requires_grad_()
+        s, c, gt = aa.chunk(3, -1)
+        if fused:
+            out = adaln_mlp(xx, s, c, gt, b.fc1, b.fc2)
+        else:
+            out = xx + gt * b.mlp(modulate(b.norm2(xx), s, c))
+        out.backward(dout.to(dt))
+        return [out, xx.grad, aa.grad, b.fc1.weight.grad, b.fc2.weight.grad]
+
+    fused, ref_lp, ref32 = run(True, dtype), run(False, dtype), run(False, torch.float32)
+    for name, a, b, c in zip(
+        ("out", "dx", "dada", "dw1", "dw2"), fused, ref_lp, ref32, strict=True
+    ):
+        check(a.float(), b.float(), c.float(), dtype, name=name)
