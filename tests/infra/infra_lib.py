@@ -67,11 +67,33 @@ def k8s_manifest_files() -> list[Path]:
     return out
 
 
-def manifests() -> Iterator[tuple[Path, int, dict[str, Any]]]:
+def embedded(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Kubernetes objects carried as YAML text inside a ConfigMap (e.g. the RayJob that a CronJob
+    creates): (key, object) for each."""
+    out = []
+    if doc.get("kind") == "ConfigMap":
+        for key, text in (doc.get("data") or {}).items():
+            if key.endswith((".yaml", ".yml")):
+                for sub in yaml.safe_load_all(text):
+                    if isinstance(sub, dict) and "apiVersion" in sub and "kind" in sub:
+                        out.append((key, sub))
+    return out
+
+
+def manifests() -> Iterator[tuple[Path, int | str, dict[str, Any]]]:
+    """(file, index, object) for every Kubernetes object in infra/, including objects embedded
+    in ConfigMaps (index "<i>/<key>")."""
     for path in k8s_manifest_files():
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         for i, doc in enumerate(docs):
             yield path, i, doc
+            for key, sub in embedded(doc):
+                yield path, f"{i}/{key}", sub
+
+
+def object_name(doc: dict[str, Any]) -> str:
+    meta = doc.get("metadata", {})
+    return meta.get("name") or meta.get("generateName", "")
 
 
 def all_yaml_files() -> list[Path]:

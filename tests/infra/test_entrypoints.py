@@ -23,6 +23,7 @@ def job_commands() -> list[tuple[str, str, list[str]]]:
     for path in L.all_yaml_files():
         rel = str(path.relative_to(L.REPO))
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        docs += [sub for d in docs if isinstance(d, dict) for _, sub in L.embedded(d)]
         strings = [v for d in docs for _, v in L.walk(d) if isinstance(v, str)]
         texts[rel] = "\n".join(strings)
     for path in [*L.DOCKERFILES, L.INFRA / "README.md"]:

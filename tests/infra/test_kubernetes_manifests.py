@@ -36,7 +36,8 @@ def test_manifests_found():
 
 @pytest.mark.parametrize(("path", "index", "doc"), MANIFESTS, ids=IDS)
 def test_manifest_validates(path, index, doc):
-    assert isinstance(doc.get("metadata", {}).get("name"), str), "every object needs a name"
+    meta = doc.get("metadata", {})
+    assert isinstance(meta.get("name") or meta.get("generateName"), str), "objects need names"
     _validate(doc)
 
 
@@ -200,10 +201,10 @@ def test_kuberay_versions_and_services_private():
         if doc["kind"] in L.KUBERAY_KINDS:
             spec = _cluster_spec(doc)
             # Ray 2.60 needs a token by default; the manifests keep it on.
-            assert spec.get("authOptions", {}).get("mode") == "token", doc["metadata"]["name"]
+            assert spec.get("authOptions", {}).get("mode") == "token", L.object_name(doc)
             assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
         if doc["kind"] == "Service":
-            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", doc["metadata"]["name"]
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", L.object_name(doc)
         if doc["kind"] == "RayJob":
             assert doc["spec"].get("backoffLimit", 0) >= 1, "a retry policy"
             assert doc["spec"].get("shutdownAfterJobFinishes") or doc["spec"].get(
@@ -223,3 +224,20 @@ def test_every_secret_referenced_is_created_in_the_readme():
                 referenced.add(value["name"])
     assert referenced
     assert referenced <= created, referenced - created
+
+
+def test_fallback_cronjob_creates_the_same_rayjob():
+    """cronjob-preprocess-fallback.yaml (plain CronJob) and raycronjob-preprocess.yaml run the
+    same RayJob on the same schedule: no drift between the two ways of scheduling."""
+    cron = _first("RayCronJob")
+    fallback = [d for p, i, d in MANIFESTS if p.name == "cronjob-preprocess-fallback.yaml"]
+    rayjobs = [d for d in fallback if d["kind"] == "RayJob"]
+    cronjobs = [d for d in fallback if d["kind"] == "CronJob"]
+    assert len(rayjobs) == 1 and len(cronjobs) == 1
+    assert rayjobs[0]["spec"] == cron["spec"]["jobTemplate"]
+    assert cronjobs[0]["spec"]["schedule"] == cron["spec"]["schedule"]
+    # The scheduler may create RayJobs and nothing else.
+    role = next(d for d in fallback if d["kind"] == "Role")
+    assert role["rules"] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}
+    ]

@@ -21,7 +21,7 @@ def _containers():
         for p, value in L.walk(doc):
             if p and p[-1] == "containers":
                 for c in value:
-                    yield f"{path.name}:{doc['metadata']['name']}:{c['name']}", c
+                    yield f"{path.name}:{L.object_name(doc)}:{c['name']}", c
 
 
 def test_k8s_env_references_defined_earlier():

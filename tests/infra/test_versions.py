@@ -79,6 +79,7 @@ def tag_problems(text: str, name: str, pins: dict[str, str], version: str) -> li
 
 def ray_version_problems(docs: list, name: str, pins: dict[str, str]) -> list[str]:
     problems = []
+    docs = [*docs, *(sub for d in docs if isinstance(d, dict) for _, sub in L.embedded(d))]
     for doc in docs:
         for path, value in L.walk(doc):
             if not path or path[-1] != "rayVersion" or isinstance(value, dict):
@@ -181,6 +182,11 @@ def test_install_order_matches_setup_sh():
             "ARG DEEPSPEED_VERSION=0.19",
         ),
         ("infra/kuberay/rayjob-pretrain.yaml", 'rayVersion: "2.60.0"', 'rayVersion: "2.61.0"'),
+        (
+            "infra/kuberay/cronjob-preprocess-fallback.yaml",
+            'rayVersion: "2.60.0"',
+            'rayVersion: "2.6"',
+        ),
         ("infra/kuberay/raycronjob-preprocess.yaml", "-ray2.60.0-", "-ray2.6.0-"),
         ("infra/ray-cluster/aws.yaml", "-torch2.13.0-", "-torch2.13.1-"),
         ("infra/mlflow/requirements.txt", "mlflow[auth]==3.17.2", "mlflow[auth]==3.18.0"),
