@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import TrainRecipe
 from .data import DataError, Manifest, open_fs
 from .tracking import default_tracking_uri, find_or_create_run, set_final_status
-from .worker import FATAL_FILE, RunInfo, train_worker
+from .worker import FATAL_FILE, RunInfo, newest_complete_checkpoint, train_worker
 
 log = logging.getLogger("bitlm.train")
 
@@ -91,22 +91,8 @@ def _read_fatal(recipe: TrainRecipe, name: str, remove: bool = False) -> dict | 
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest ``checkpoint_*`` folder of a run (local path or s3:// URI), or None."""
-    fs, base = open_fs(run_dir)
-    import pyarrow.fs as pafs
-
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    except OSError:
-        return None
-    names = sorted(
-        i.base_name
-        for i in infos
-        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-    )
-    if not names:
-        return None
-    return f"{run_dir.rstrip('/')}/{names[-1]}"
+    """The newest complete ``checkpoint_*`` folder of a run (local path or s3:// URI), or None."""
+    return newest_complete_checkpoint(run_dir)
 
 
 def run(recipe: TrainRecipe) -> RunResult:

@@ -112,19 +112,32 @@ class Session(Protocol):
 
 
 class RaySession:
-    def __init__(self) -> None:
+    def __init__(self, storage_path: str) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.run_name = ctx.get_experiment_name()
+        self.run_dir = f"{storage_path.rstrip('/')}/{self.run_name}"
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
+        """Ray's latest registered checkpoint, or a newer complete one found in the run folder:
+        Ray registers a reported checkpoint at its next poll (every 2 s), so a crash right
+        after a report would otherwise lose it."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
+        ray_step = -1
+        if ckpt is not None:
+            ray_step = _step_of(ckpt.path)
+        found = newest_complete_checkpoint(self.run_dir)
+        if found is not None and _step_of(found) > ray_step:
+            log.info("rank %d: resuming from %s (not yet registered by Ray)", self.rank, found)
+            with _as_local_dir(found) as d:
+                yield d
+            return
         if ckpt is None:
             yield None
             return
@@ -143,6 +156,54 @@ class RaySession:
                 checkpoint=Checkpoint.from_directory(ckpt_dir),
                 checkpoint_dir_name=f"checkpoint_{step:08d}",
             )
+
+
+def _step_of(path: str) -> int:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return int(name.split("_")[-1]) if name.startswith("checkpoint_") else -1
+
+
+def newest_complete_checkpoint(run_dir: str) -> str | None:
+    """The highest-step ``checkpoint_*`` folder of a run whose every rank's files are there."""
+    import pyarrow.fs as pafs
+
+    fs, base = open_fs(run_dir)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted(
+        (i.base_name for i in infos if i.type == pafs.FileType.Directory),
+        key=lambda n: _step_of(n),
+    )
+    for name in reversed([n for n in names if n.startswith("checkpoint_")]):
+        try:
+            with fs.open_input_stream(f"{base}/{name}/{STATE_FILE}") as f:
+                world = json.loads(f.read().decode())["world_size"]
+            for r in range(world):
+                if fs.get_file_info(f"{base}/{name}/rng/rank_{r}.pt").type != pafs.FileType.File:
+                    raise FileNotFoundError
+        except (OSError, KeyError, ValueError):
+            continue
+        return f"{run_dir.rstrip('/')}/{name}"
+    return None
+
+
+@contextlib.contextmanager
+def _as_local_dir(uri: str) -> Iterator[str]:
+    if "://" not in uri:
+        yield open_fs(uri)[1]
+        return
+    import pyarrow.fs as pafs
+
+    tmp = tempfile.mkdtemp(prefix="bitlm-resume-")
+    try:
+        fs, base = open_fs(uri)
+        local = pafs.LocalFileSystem()
+        pafs.copy_files(base, tmp, source_filesystem=fs, destination_filesystem=local)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class LocalSession:
@@ -205,7 +266,7 @@ def train_worker(info: dict[str, Any], session: Session | None = None) -> None:
     """Entry point of every worker (Ray Train's train_loop_per_worker)."""
     run = RunInfo(**info)
     recipe = from_dict(TrainRecipe, run.recipe)
-    session = session or RaySession()
+    session = session or RaySession(recipe.storage_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         _train(recipe, run, session)
@@ -216,6 +277,7 @@ def train_worker(info: dict[str, Any], session: Session | None = None) -> None:
 
 
 def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
+    t_start = time.perf_counter()
     deepspeed = _import_deepspeed()
     rank, world = session.rank, session.world_size
     device = _device(recipe)
@@ -276,6 +338,13 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
             log.info("rank %d: resumed from step %d (%s)", rank, step, ckpt)
     started_from_scratch = step == 0
+    if rank == 0:
+        log.info(
+            "engine ready in %.1f s (ZeRO-%d, %s)",
+            time.perf_counter() - t_start,
+            recipe.zero_stage,
+            recipe.dtype,
+        )
 
     tracker = None
     if rank == 0 and recipe.mlflow.enabled and run.tracking_uri:
@@ -333,6 +402,7 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
                     json.dumps(
                         {
                             "step": step + 1,
+                            "pid": os.getpid(),
                             "rows": data.rows_at(positions).tolist(),
                             "positions": positions.tolist(),
                         }
@@ -447,6 +517,7 @@ def _guard(recipe: TrainRecipe, step: int, loss: float, ema: float | None) -> No
 def _save(recipe, engine, session, data, step, tokens_seen, loss, rank) -> None:
     """Every rank writes its DeepSpeed shard + RNG state; rank 0 adds the run state, recipe,
     tokenizer and code table. Ray merges the ranks' folders into one checkpoint."""
+    probe = probe_loss(engine.module, data, recipe)  # collective under ZeRO-3
     tmp = tempfile.mkdtemp(prefix=f"bitlm-ckpt-{step}-r{rank}-")
     try:
         engine.save_checkpoint(tmp, tag=DS_TAG)
@@ -462,6 +533,7 @@ def _save(recipe, engine, session, data, step, tokens_seen, loss, rank) -> None:
                 "world_size": session.world_size,
                 "zero_stage": recipe.zero_stage,
                 "run_name": session.run_name,
+                "probe_loss": probe,
                 "time": time.time(),
             }
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -471,6 +543,26 @@ def _save(recipe, engine, session, data, step, tokens_seen, loss, rank) -> None:
         session.report({"step": step, "loss": loss, "tokens_seen": tokens_seen}, tmp, step)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def probe_loss(model: BitLM, data: Dataset, recipe: TrainRecipe) -> float:
+    """The eval-mode loss of the first rows with fixed noise: a fingerprint of the weights
+    (export checks reproduce it)."""
+    import numpy as np
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        tokens = data.codec.from_codewords(
+            torch.from_numpy(data.read_rows(np.arange(min(2, data.num_rows))))
+        ).to(device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(recipe.seed + 7)
+        with torch.no_grad():
+            return float(model.loss(tokens, gen))
+    finally:
+        model.train(was_training)
 
 
 def _evaluate(recipe, engine, man, codec, step, rank, world, device, tracker) -> None:

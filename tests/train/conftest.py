@@ -70,3 +70,42 @@ def dist_world1(monkeypatch):
     dist.init_process_group("gloo")
     yield
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow sqlite store (creating one costs ~16 s; copies are free)."""
+    from bitlm.train.tracking import find_or_create_run
+
+    db = tmp_path_factory.mktemp("mlflow") / "template.db"
+    find_or_create_run(f"sqlite:///{db}", "warmup", "warmup", {})
+    return db
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_template, tmp_path, monkeypatch) -> str:
+    """A fresh sqlite tracking store for one test, exported as MLFLOW_TRACKING_URI."""
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_template, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def train(tiny_data: str, storage: Path | str, name: str, *overrides: str):
+    """Run jobs/pretrain.py's library path with the tiny model."""
+    from bitlm.train import load_train_recipe, run
+
+    recipe = load_train_recipe(
+        None, [*TINY, f"data.path={tiny_data}", f"storage_path={storage}", *overrides], name
+    )
+    return run(recipe)
+
+
+def metric_history(uri: str, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    hist = MlflowClient(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)

@@ -71,12 +71,12 @@ def test_fingerprint(tmp_path, tiny_data):
 
 
 def test_errors_are_clear(tmp_path, tiny_data):
-    with pytest.raises(DataError, match="no manifest.json"):
+    with pytest.raises(DataError, match=r"no manifest\.json"):
         Manifest.load(str(tmp_path))
     m = Manifest.load(tiny_data)
     with pytest.raises(DataError, match="vocab_size"):
         m.check_model(vocab_size=128, block_size=4)
-    with pytest.raises(DataError, match="multiple of model.block_size"):
+    with pytest.raises(DataError, match=r"multiple of model\.block_size"):
         m.check_model(vocab_size=VOCAB, block_size=5)
     with pytest.raises(DataError, match="no shards in split"):
         Dataset(tiny_data, "test")
