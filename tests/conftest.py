@@ -11,8 +11,8 @@ os.environ.setdefault("DS_BUILD_OPS", "0")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -1,0 +1,176 @@
+"""Model structure: block-causal mask, alignment/causality, KV cache, checkpoints, config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitlm import BitLM, ModelConfig
+from bitlm.backbone import block_causal_mask
+from bitlm.codec import CodeTable
+from bitlm.pretrained import CheckpointError
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(
+        vocab_size=50,
+        block_size=4,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_width=32,
+        head_depth=2,
+        head_heads=2,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_mask_m1_is_causal_and_blocks_are_full() -> None:
+    pos = torch.arange(12)
+    assert torch.equal(block_causal_mask(pos, pos, 1), torch.ones(12, 12).tril().bool())
+    m4 = block_causal_mask(pos, pos, 4)
+    assert m4[0, 3] and m4[5, 7] and not m4[3, 4] and m4[11, 0]
+    assert torch.equal(m4[4:8, 4:8], torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_m1_attention_equals_standard_causal() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 10, 8) for _ in range(3))
+    pos = torch.arange(10)
+    ours = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(pos, pos, 1))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_conditions_are_block_causal(m: int) -> None:
+    torch.manual_seed(0)
+    model = BitLM(tiny(block_size=m)).eval()
+    L = 6 * m
+    tokens = torch.randint(0, 50, (2, L))
+    h = model.conditions(tokens)  # [b, N, m, d]
+    assert h.shape == (2, L // m, m, 32)
+    n = 2  # change every token of data block n
+    changed = tokens.clone()
+    changed[:, n * m : (n + 1) * m] = (changed[:, n * m : (n + 1) * m] + 7) % 50
+    h2 = model.conditions(changed)
+    assert torch.equal(h[:, : n + 1], h2[:, : n + 1])  # targets <= n: bit-identical
+    diff = (h[:, n + 1] - h2[:, n + 1]).abs().amax(-1)  # [b, m]
+    assert (diff > 1e-6).all()  # every slot of target block n+1 sees it
+
+
+@pytest.mark.parametrize("P", [0, 3, 4, 7, 8])
+@pytest.mark.parametrize("head", ["diffusion", "softmax"])
+def test_kv_cache_equals_recomputation(P: int, head: str) -> None:
+    torch.manual_seed(0)
+    model = BitLM(tiny(output_head=head)).double().eval()
+    prompt = torch.randint(0, 50, (3, P))
+    outs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(11)
+        outs.append(
+            model.generate(prompt, 9, steps=4, cfg_scale=2.0, generator=g, use_cache=use_cache)
+        )
+    assert outs[0].shape == (3, P + 9)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0][:, :P], prompt)
+
+
+def test_ar_baseline_generates_with_cache() -> None:
+    torch.manual_seed(0)
+    cfg = tiny(block_size=1, input="embedding", output_head="softmax")
+    model = BitLM(cfg).double().eval()
+    prompt = torch.randint(0, 50, (2, 5))
+    a = model.generate(prompt, 6, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 6, generator=torch.Generator().manual_seed(3), use_cache=False)
+    assert torch.equal(a, b)
+    assert model.loss(torch.randint(0, 50, (2, 8))).isfinite()
+
+
+def test_evaluate_reports_metrics() -> None:
+    torch.manual_seed(0)
+    model = BitLM(tiny()).eval()
+    tokens = torch.randint(0, 50, (2, 16))
+    r = model.evaluate(tokens, steps=3)
+    assert int(r["tokens"]) == 32 and int(r["blocks"]) == 8
+    assert r["slot_correct"].shape == (4,)
+    assert 0 <= int(r["bits_correct"]) <= 32 * 6
+    assert 0 <= int(r["invalid_codes"]) <= 32
+    # An untrained head predicts ~0 = p 0.5 per bit: about B bits per token, renormalised.
+    assert 4.0 < float(r["nll_bits"]) / 32 < 7.0
+    assert r["token_correct"].shape == (2, 16)
+
+
+@pytest.mark.parametrize("kw", [dict(self_conditioning=True), dict(output_head="softmax")])
+def test_save_and_load_round_trip(tmp_path, kw) -> None:
+    torch.manual_seed(0)
+    table = CodeTable.frequency(list(range(50)), 50)
+    model = BitLM(tiny(**kw), table).eval()
+    model.save_pretrained(tmp_path / "m")
+    again = BitLM.from_pretrained(tmp_path / "m").eval()
+    assert again.codec.table == table
+    tokens = torch.randint(0, 50, (2, 8))
+    assert torch.equal(model.conditions(tokens), again.conditions(tokens))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(
+        model.generate(tokens[:, :3], 5, steps=3, generator=g1),
+        again.generate(tokens[:, :3], 5, steps=3, generator=g2),
+    )
+    # Saving again over an existing folder replaces it atomically.
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_corrupt_or_mismatched_checkpoint_is_clear_error(tmp_path) -> None:
+    model = BitLM(tiny())
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="missing"):
+        BitLM.from_pretrained(tmp_path / "nothing")
+    weights = tmp_path / "m" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        BitLM.from_pretrained(tmp_path / "m")
+    weights.write_bytes(good)
+    cfg_file = tmp_path / "m" / "config.json"
+    meta = json.loads(cfg_file.read_text())
+    meta["model"]["d_model"] = 64
+    cfg_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not match"):
+        BitLM.from_pretrained(tmp_path / "m")
+    meta["model"]["d_model"] = 32
+    meta["code_table_hash"] = "0" * 64
+    cfg_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="hash"):
+        BitLM.from_pretrained(tmp_path / "m")
+    cfg_file.write_text("{broken")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        BitLM.from_pretrained(tmp_path / "m")
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match=r"model\.loss"):
+        tiny(loss="l1")
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        tiny(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown model config key"):
+        ModelConfig.from_dict({"vocab_size": 10, "widht": 3})
+    with pytest.raises(ValueError, match=r"model\.block_size"):
+        tiny(block_size=0)
+
+
+def test_bad_sequence_length_is_clear_error() -> None:
+    model = BitLM(tiny())
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        model.loss(torch.randint(0, 50, (2, 10)))
+
+
+def test_flops_count_includes_head() -> None:
+    bit = BitLM(tiny())
+    more = BitLM(tiny(diffusion_batch_mul=8))
+    assert more.flops_per_token(64) > bit.flops_per_token(64) > 6 * bit.num_params("backbone")
