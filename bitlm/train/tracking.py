@@ -76,18 +76,27 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, tags: 
     return run_id
 
 
-def set_final_status(tracking_uri: str, run_id: str, ok: bool, error: str = "") -> None:
-    """FINISHED or FAILED (with the error as a tag); warns instead of raising."""
+def set_final_status(
+    tracking_uri: str, run_id: str, ok: bool, error: str = "", retry_s: float = 30.0
+) -> None:
+    """FINISHED or FAILED (with the error as a tag), retrying for up to ``retry_s`` while the
+    server is unreachable; warns instead of raising."""
     _quick_http()
-    try:
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri)
-        if error:
-            client.set_tag(run_id, "error", error[:4000])
-        client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
-    except Exception as e:
-        log.warning("MLflow: could not set the final status of run %s: %s", run_id, e)
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            client = MlflowClient(tracking_uri)
+            if error:
+                client.set_tag(run_id, "error", error[:4000])
+            client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+            return
+        except Exception as e:
+            if time.monotonic() > deadline:
+                log.warning("MLflow: could not set the final status of run %s: %s", run_id, e)
+                return
+            time.sleep(1.0)
 
 
 class RunLogger:
