@@ -135,21 +135,6 @@ class BitLM(nn.Module):
         return self.head.loss(x_t, t, h, words, x_sc)  # head + diffusion_loss; fused on CUDA
 
     # ---- sampling ----------------------------------------------------------------------------
-    def _x0_fn(self, h: Tensor, cfg_scale: float):
-        """x0(x_t, t, x_sc) for conditions h [R, m, d], with batched classifier-free guidance."""
-        if cfg_scale == 1.0:
-            return lambda x, t, sc: self.head(x, t, h, sc)
-        null = self.head.null_cond.to(h.dtype).expand_as(h)
-        hh = torch.cat([h, null], 0)
-
-        def x0(x: Tensor, t: Tensor, sc: Tensor | None) -> Tensor:
-            sc2 = None if sc is None else torch.cat([sc, sc], 0)
-            out = self.head(torch.cat([x, x], 0), torch.cat([t, t], 0), hh, sc2)
-            cond, uncond = out.chunk(2, 0)
-            return uncond + cfg_scale * (cond - uncond)
-
-        return x0
-
     def sample_block(
         self,
         h: Tensor,
