@@ -82,6 +82,11 @@ class EvalConfig:
     num_samples: int = 2
     prompt_tokens: int = 8
     new_tokens: int = 16
+    # Automatic evaluation of saved checkpoints (bitlm.eval, docs/evaluation.md): a watcher task
+    # started by the driver evaluates each selected checkpoint once, into an MLflow child run.
+    auto: bool = False
+    auto_every_steps: int = 0  # checkpoints whose step is a multiple (final always); 0: all
+    reference_run: str = ""  # run (name/id/folder) whose model scores the generated samples
 
 
 @dataclass
@@ -204,6 +209,8 @@ class TrainRecipe:
             raise bad("eval", "every_steps >= 0, batches >= 1, num_samples >= 0")
         if e.prompt_tokens < 0 or e.new_tokens < 1:
             raise bad("eval", "prompt_tokens >= 0 and new_tokens >= 1")
+        if e.auto_every_steps < 0:
+            raise bad("eval.auto_every_steps", "must be >= 0 (0: every checkpoint)")
         if not self.storage_path:
             raise bad("storage_path", "must be a folder or s3:// URI")
 
