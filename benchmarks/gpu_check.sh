@@ -32,7 +32,9 @@ PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 echo "== gpu parity tests"
-timeout 210 "$PY" -m pytest -m gpu tests/bitlm/test_kernels.py -q -p no:cacheprovider \
+XDIST=()  # parallel workers compile the many kernel specialisations side by side
+if "$PY" -c 'import xdist' >/dev/null 2>&1; then XDIST=(-n 4); fi
+timeout 210 "$PY" -m pytest -m gpu tests/bitlm/test_kernels.py -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} \
   --junitxml="$OUT/test_kernels_gpu.xml" 2>&1 | tee "$OUT/test_kernels_gpu.log"
 rc_tests=${PIPESTATUS[0]}
 

@@ -233,7 +233,7 @@ def correctness(cfg: ModelConfig, dev, dtype, R: int) -> dict:
     lp = out.get("bfloat16")
     ok_lp = lp is None or (
         lp["max_grad_rel_err_vs_fp32"]["fused"]
-        <= 2 * lp["max_grad_rel_err_vs_fp32"]["reference"] + 1e-2
+        <= 3 * lp["max_grad_rel_err_vs_fp32"]["reference"] + 1e-2
     )
     out["ok"] = bool(ok32 and ok_lp and out["decode"]["all_valid"])
     return out
