@@ -6,8 +6,10 @@ same functions with fewer launches and fewer round trips to memory:
 - bits.py:   code words -> +1/-1 bits -> x_t = (1-t) x0 + t eps in one pass; sign() + exact
              invalid-code repair (the codec's digit DP) per row of B bits.
 - mlp.py:    LayerNorm + adaLN modulation (forward/backward), a GEMM with fused epilogues
-             (bias + SiLU, bias + gated residual, SiLU-gradient), and the head's whole adaLN MLP
-             sub-block (modulate, linear, SiLU, linear, gated residual) as one autograd.Function.
+             (bias + SiLU, bias + gated residual, SiLU-gradient; tiles autotuned for large bf16
+             GEMMs), the attention output projection with its gated residual, and the head's
+             whole adaLN MLP sub-block (modulate, linear, SiLU, linear, gated residual) as one
+             autograd.Function.
 - loss.py:   x0-MSE / v-loss on the head's pre-squash output (tanh, bits recomputed from the code
              words, weighting) with its gradient, in one kernel.
 - fused_head.py: the head's forward over these pieces (same parameters as DiffusionHead), the
@@ -15,7 +17,8 @@ same functions with fewer launches and fewer round trips to memory:
              repair captured in one CUDA graph.
 
 Dispatch lives in DiffusionHead (bitlm/head.py): the fused path runs on CUDA tensors when
-ModelConfig.fused_head is True and Triton imports; the reference path runs everywhere else. On
+ModelConfig.fused_head is True and Triton imports, and not under autocast or ZeRO-3 (partitioned
+parameters); the reference path runs everywhere else. On
 CPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
 """
 
