@@ -412,7 +412,17 @@ def _run(
     summary: dict[str, Any],
     t0: float,
 ) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        timings[name] = round(now - tick, 3)
+        tick = now
+
     codec = _ensure_codec(storage, root, cfg, manifest, new)
+    lap("codec")
     _maybe_kill("after_codec")
     common = {"root": root, "s3": storage.s3_options, "filters": asdict(cfg.filters)}
     units = _plan_units(new, cfg.unit_bytes)
@@ -426,10 +436,12 @@ def _run(
         if todo:
             scan_specs.append({"kind": "scan", "unit": uid, "files": todo, **common})
     _ray_map(cfg, scan_specs, "scan")
+    lap("scan")
     _maybe_kill("after_scan")
 
     prior = (manifest or {}).get("inputs", [])
     resolved = _resolve(storage, root, prior, new)
+    lap("dedup")
 
     encode_specs, markers = [], {}
     done_units = set(storage.list_names(f"{root}/_work/units"))
@@ -470,9 +482,8 @@ def _run(
         markers[r["unit"]] = r
         _maybe_kill("after_unit")
 
-    t_enc = time.perf_counter()
     _ray_map(cfg, encode_specs, "encode", got)
-    t_enc = time.perf_counter() - t_enc
+    lap("encode")
     _maybe_kill("before_manifest")
 
     new_manifest = _build_manifest(cfg, manifest, codec, new, resolved, unit_ids, markers)
@@ -480,6 +491,7 @@ def _run(
     storage.write_atomic(f"{root}/manifest.json", body)
     _maybe_kill("after_manifest")
     _cleanup(storage, root)
+    lap("commit")
 
     counters: dict[str, dict[str, int]] = {}
     from pipeline.steps import merge_counters
@@ -494,7 +506,7 @@ def _run(
         units=len(units),
         units_resumed=len(unit_ids) - len(encode_specs),
         seconds=secs,
-        encode_seconds=t_enc,
+        timings=timings,
         input_bytes=in_bytes,
         mb_per_s=in_bytes / 1e6 / secs,
         tokens_per_s=run["tokens"] / secs,
@@ -623,6 +635,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  {s['seconds']:.1f}s, {s['mb_per_s']:.2f} MB/s, {s['tokens_per_s']:.0f} tokens/s; "
         f"{s['files_already_done']} files were already done, {s['units_resumed']} units resumed"
     )
+    lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s["timings"].items()))
     t = s["totals"]
     lines.append(
         f"  dataset: {t['files']} files, {t['kept']} docs kept, dropped {t['dropped']}, "

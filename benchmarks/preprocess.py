@@ -1,0 +1,203 @@
+"""End-to-end preprocessing throughput vs raw `tokenizers` batch encoding, at 1 and 2 CPUs.
+
+Corpus: the Python standard library's .py files (every machine has them), one document per file,
+in sorted path order up to ``--mb`` MB. A tokenizer is trained once on a sample and then given to
+every run (``tokenizer.path``), so the pipeline and the baseline do the same tokenisation work.
+
+- pipeline: ``run_preprocess`` into a fresh folder on a local Ray started with ``num_cpus=n``
+  (Ray start-up is excluded and reported apart); covers read -> scan -> dedup -> tokenise ->
+  encode -> pack -> write -> manifest.
+- raw: ``Tokenizer.encode_batch_fast`` over the same documents already in memory, with
+  ``RAYON_NUM_THREADS=n`` (TOKENIZERS_PARALLELISM on for n > 1); no reading, no writing.
+
+Each measurement runs in its own subprocess. JSON on stdout (and ``--out``).
+
+    python benchmarks/preprocess.py [--mb 50] [--cpus 1 2] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def corpus_files(mb: float) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, total = [], 0
+    for p in sorted(str(p) for p in root.rglob("*.py")):
+        if total >= mb * 1e6:
+            break
+        size = os.path.getsize(p)
+        if size == 0:
+            continue
+        out.append(p)
+        total += size
+    return out
+
+
+def recipe(files_dir: str, output: str, tokenizer: str, cpus: int) -> dict:
+    return {
+        "name": "bench",
+        "inputs": [{"path": files_dir, "glob": "**/*.py", "format": "text", "text_unit": "file"}],
+        "output": output,
+        # the frequency code table is counted on a 1 MB sample (tokenised once, in the driver)
+        "tokenizer": {"path": tokenizer, "sample_bytes": 1_000_000},
+        "filters": {"min_chars": 1, "max_chars": 10_000_000},
+        "code_table": "frequency",
+        "seq_len": 1024,
+        "block_size": 4,
+        "val_fraction": 0.01,
+        "unit_bytes": 4_000_000,
+        "progress": False,
+        "ray": {"num_cpus": cpus},
+    }
+
+
+def run_pipeline(args: argparse.Namespace) -> dict:
+    import ray
+
+    cpus = args.cpus[0]
+    from bitlm.recipe import from_dict
+    from pipeline import run_preprocess
+    from pipeline.config import PreprocessConfig
+
+    t0 = time.perf_counter()
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        object_store_memory=256 << 20,
+        log_to_driver=False,
+    )
+    ray_start = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as out:
+        cfg = from_dict(PreprocessConfig, recipe(args.files_dir, out, args.tokenizer, cpus))
+        t0 = time.perf_counter()
+        s = run_preprocess(cfg)
+        secs = time.perf_counter() - t0
+    ray.shutdown()
+    tokens = s["stages"]["tokenise"]["tokens"]
+    return {
+        "seconds": secs,
+        "phases": s["timings"],
+        "ray_start_seconds": ray_start,
+        "input_bytes": s["input_bytes"],
+        "docs_kept": s["run"]["kept"],
+        "tokens": tokens,
+        "packed_tokens": s["run"]["tokens"],
+        "mb_per_s": s["input_bytes"] / 1e6 / secs,
+        "tokens_per_s": tokens / secs,
+    }
+
+
+def run_raw(args: argparse.Namespace) -> dict:
+    from tokenizers import Tokenizer
+
+    from pipeline.steps import normalise_text
+
+    tok = Tokenizer.from_file(args.tokenizer)
+    tok.encode_special_tokens = True
+    paths = sorted(str(p) for p in Path(args.files_dir).rglob("*.py"))
+    texts = [normalise_text(Path(p).read_bytes().decode("utf-8", "replace")) for p in paths]
+    nbytes = sum(os.path.getsize(p) for p in paths)
+    t0 = time.perf_counter()
+    tokens = 0
+    for s in range(0, len(texts), 256):
+        for e in tok.encode_batch_fast(texts[s : s + 256], add_special_tokens=False):
+            tokens += len(e.ids)
+    secs = time.perf_counter() - t0
+    return {
+        "seconds": secs,
+        "input_bytes": nbytes,
+        "tokens": tokens,
+        "mb_per_s": nbytes / 1e6 / secs,
+        "tokens_per_s": tokens / secs,
+    }
+
+
+def sub(kind: str, cpus: int, files_dir: str, tokenizer: str) -> dict:
+    env = {**os.environ, "RAYON_NUM_THREADS": str(cpus)}
+    env["TOKENIZERS_PARALLELISM"] = "true" if (kind == "raw" and cpus > 1) else "false"
+    cmd = [sys.executable, __file__, "--worker", kind, "--cpus", str(cpus)]
+    cmd += ["--files-dir", files_dir, "--tokenizer", tokenizer]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=3000)
+    if r.returncode != 0:
+        raise RuntimeError(f"{kind} at {cpus} CPUs failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=50.0)
+    ap.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", choices=["pipeline", "raw"], default=None)
+    ap.add_argument("--files-dir", default=None)
+    ap.add_argument("--tokenizer", default=None)
+    a = ap.parse_args()
+    if a.worker:
+        res = run_pipeline(a) if a.worker == "pipeline" else run_raw(a)
+        print(json.dumps(res))
+        return
+
+    from pipeline.steps import normalise_text
+    from pipeline.tokenizer import train_bpe
+
+    files = corpus_files(a.mb)
+    with tempfile.TemporaryDirectory() as tmp:
+        # A private copy, so both sides read exactly the same files.
+        src = Path(tmp) / "corpus"
+        base = Path(sysconfig.get_paths()["stdlib"])
+        for p in files:
+            q = src / Path(p).relative_to(base)
+            q.parent.mkdir(parents=True, exist_ok=True)
+            q.write_bytes(Path(p).read_bytes())
+        t0 = time.perf_counter()
+        sample = [normalise_text(Path(p).read_bytes().decode("utf-8", "replace")) for p in files]
+        sample = sample[:: max(1, len(sample) // 400)]
+        tok_path = Path(tmp) / "tokenizer.json"
+        tok_path.write_text(train_bpe(sample, a.vocab, 2, "<|eod|>"))
+        train_s = time.perf_counter() - t0
+        result: dict = {
+            "benchmark": "preprocess",
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "corpus": {
+                "source": "python stdlib *.py, sorted paths",
+                "files": len(files),
+                "bytes": sum(os.path.getsize(p) for p in files),
+            },
+            "vocab_size": a.vocab,
+            "tokenizer_train_seconds": train_s,
+            "runs": {},
+        }
+        for n in a.cpus:
+            pipe = sub("pipeline", n, str(src), str(tok_path))
+            raw = sub("raw", n, str(src), str(tok_path))
+            result["runs"][str(n)] = {
+                "pipeline": pipe,
+                "raw_tokenizers": raw,
+                "ratio_mb_per_s": pipe["mb_per_s"] / raw["mb_per_s"],
+                "ratio_tokens_per_s": pipe["tokens_per_s"] / raw["tokens_per_s"],
+            }
+            print(f"cpus={n}: {json.dumps(result['runs'][str(n)])}", file=sys.stderr)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
