@@ -123,7 +123,7 @@ def run(recipe: TrainRecipe) -> RunResult:
 
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": env} if env else None)
+        ray.init()  # joins RAY_ADDRESS (a cluster, `ray job submit`) or starts a local Ray
 
     storage_path, storage_fs, root = _storage(recipe)
     run_dir = f"{root}/{name}"
@@ -161,14 +161,19 @@ def run(recipe: TrainRecipe) -> RunResult:
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
+    auto_eval = _start_auto_eval(recipe, run_dir, tracking_uri, run_id)
     try:
         result = trainer.fit()
     except BaseException as e:
         if run_id:
             set_final_status(tracking_uri, run_id, ok=False, error=f"{type(e).__name__}: {e}")
+        if auto_eval is not None:
+            auto_eval.cancel()
         raise
     fatal = _read_fatal(recipe, name)
     if fatal is not None:
+        if auto_eval is not None:
+            auto_eval.cancel()
         if run_id or tracking_uri:
             rid = run_id or _lookup(tracking_uri, recipe, name)
             if rid:
@@ -178,8 +183,24 @@ def run(recipe: TrainRecipe) -> RunResult:
         run_id = _lookup(tracking_uri, recipe, name)
     if run_id:
         set_final_status(tracking_uri, run_id, ok=True)
+    if auto_eval is not None:
+        log.info("run %s: waiting for the automatic evaluation of its checkpoints", name)
+        auto_eval.wait()
     ckpt = latest_checkpoint(run_dir) if result.checkpoint is not None else None
     return RunResult(name, run_dir, ckpt, run_id, tracking_uri)
+
+
+def _start_auto_eval(recipe: TrainRecipe, run_dir: str, tracking_uri, run_id):
+    """eval.auto: the checkpoint watcher of bitlm.eval as a Ray task (None when off)."""
+    if not (recipe.eval.auto and tracking_uri and run_id):
+        return None
+    try:
+        from ..eval.evaluate import start_auto_eval
+
+        return start_auto_eval(recipe, run_dir, tracking_uri, run_id)
+    except Exception as e:
+        log.warning("automatic evaluation not started: %s: %s", type(e).__name__, e)
+        return None
 
 
 def _lookup(tracking_uri: str, recipe: TrainRecipe, name: str) -> str | None:
