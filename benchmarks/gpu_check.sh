@@ -2,6 +2,7 @@
 # GPU checks for the fused head kernels (issue 6), as one command on a CUDA machine:
 #   1. the `gpu` parity tests (fp32 and bf16 on CUDA) in tests/bitlm/test_kernels.py
 #   2. benchmarks/head_kernels.py at realistic sizes (correctness first, then timings)
+#   3. benchmarks/model_speed.py: decode and train-step tokens/s, BitLM vs the AR baseline
 # Usage: bash benchmarks/gpu_check.sh            (results under $OUT, else benchmarks/results)
 # Exit status: non-zero if the tests or the benchmark's correctness check failed.
 set -uo pipefail
@@ -39,9 +40,14 @@ timeout 210 "$PY" -m pytest -m gpu tests/bitlm/test_kernels.py -q -p no:cachepro
 rc_tests=${PIPESTATUS[0]}
 
 echo "== benchmark"
-timeout 330 "$PY" benchmarks/head_kernels.py --out "$OUT/head_kernels.json" 2>&1 |
+timeout 270 "$PY" benchmarks/head_kernels.py --out "$OUT/head_kernels.json" 2>&1 |
   tee "$OUT/head_kernels.log"
 rc_bench=${PIPESTATUS[0]}
 
-echo "== gpu_check: tests rc=$rc_tests, benchmark rc=$rc_bench"
-[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]
+echo "== model decode/train-step benchmark (BitLM vs AR, same backbone)"
+timeout 120 "$PY" benchmarks/model_speed.py --out "$OUT/model_speed.json" 2>&1 |
+  tee "$OUT/model_speed.log"
+rc_model=${PIPESTATUS[0]}
+
+echo "== gpu_check: tests rc=$rc_tests, benchmark rc=$rc_bench, model rc=$rc_model"
+[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ] && [ "$rc_model" -eq 0 ]
