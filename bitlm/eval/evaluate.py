@@ -1,0 +1,719 @@
+"""Checkpoint evaluation into MLflow child runs (docs/evaluation.md).
+
+    run (MLflow id or name) -> run folder <storage_path>/<name> -> checkpoint_<step> folders
+    each selected checkpoint -> consolidated model (<run folder>/eval/<checkpoint>/model)
+        -> metrics on the validation split + generated samples
+        -> one child run of the training run, tags bitlm_kind=eval, bitlm_eval_step=<step>,
+           metrics logged at step=<step>, samples as artifacts
+
+Idempotent: a checkpoint whose step already has a FINISHED child run is skipped, so evaluating
+twice, a restarted watcher, or a resumed training run never duplicates an evaluation. MLflow
+failures are reported per checkpoint and never stop the evaluation of the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..model import BitLM
+from ..recipe import from_dict
+
+log = logging.getLogger("bitlm.eval")
+
+__all__ = [
+    "EvalError",
+    "EvalSettings",
+    "RunRef",
+    "evaluate_checkpoint",
+    "evaluate_run",
+    "list_checkpoints",
+    "resolve_run",
+    "watch",
+]
+
+KIND_TAG = "bitlm_kind"
+STEP_TAG = "bitlm_eval_step"
+STALE_CLAIM_S = 1800.0  # a RUNNING eval child older than this is a crashed evaluator's
+
+
+class EvalError(ValueError):
+    """Bad input (unknown run, no checkpoints, checkpoint from another dataset): one clear line."""
+
+
+@dataclass
+class EvalSettings:
+    """What one evaluation computes (defaults sized for CPU; all are CLI flags)."""
+
+    max_rows: int = 16  # validation rows for the loss and the teacher-forced metrics
+    batch_size: int = 8
+    sample_steps: int = 0  # K for sampling; 0: the model's default
+    freq_buckets: int = 4
+    prompt_tokens: int = 16  # prompts are the first tokens of validation rows
+    new_tokens: int = 32
+    gen_batch: int = 16  # generation throughput at batch 1 and at this batch; the samples
+    seed: int = 0
+
+
+@dataclass
+class RunRef:
+    """A training run as evaluation sees it."""
+
+    run_id: str
+    name: str
+    experiment_id: str
+    run_dir: str  # <storage_path>/<name>, local path or s3:// URI
+    data_path: str
+    split: str = "val"  # evaluated split
+    train_split: str = "train"  # its fingerprint must match the checkpoint's
+    status: str = "RUNNING"
+    tracking_uri: str = ""
+
+
+@dataclass
+class Outcome:
+    step: int
+    status: str  # evaluated | skipped | failed | busy
+    child_run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+# ---- runs and checkpoints --------------------------------------------------------------------
+def _client(tracking_uri: str):
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def tracking_uri_for(storage_path: str = "runs") -> str:
+    """MLFLOW_TRACKING_URI, else the embedded sqlite store beside the runs (as training)."""
+    from ..train.tracking import default_tracking_uri
+
+    return default_tracking_uri(storage_path)
+
+
+def _is_training_run(run: Any) -> bool:
+    tags = run.data.tags
+    return tags.get(KIND_TAG) in (None, "train") and "mlflow.parentRunId" not in tags
+
+
+def find_run(client: Any, run: str) -> Any:
+    """An MLflow run by id, else the newest training run with that name in any experiment."""
+    import mlflow.exceptions
+
+    if len(run) == 32 and all(c in "0123456789abcdef" for c in run):
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            return client.get_run(run)
+    safe = run.replace("'", "")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    found = [
+        r
+        for r in client.search_runs(
+            exps, f"tags.mlflow.runName = '{safe}'", order_by=["start_time DESC"]
+        )
+        if _is_training_run(r)
+    ]
+    if not found:
+        raise EvalError(f"unknown run {run!r}: no MLflow run with that id or name")
+    return found[0]
+
+
+def resolve_run(run: str, tracking_uri: str, wait_params_s: float = 0.0) -> RunRef:
+    """MLflow id or name -> RunRef (its folder and dataset from the logged recipe params)."""
+    client = _client(tracking_uri)
+    r = find_run(client, run)
+    deadline = time.monotonic() + wait_params_s
+    while "storage_path" not in r.data.params and time.monotonic() < deadline:
+        time.sleep(2.0)  # rank 0 logs the params shortly after the run starts
+        r = client.get_run(r.info.run_id)
+    p = r.data.params
+    if "storage_path" not in p or "data.path" not in p:
+        raise EvalError(
+            f"run {run!r} ({r.info.run_id}) has no storage_path/data.path params: "
+            "not a BitLM training run (or it has not started logging yet)"
+        )
+    return RunRef(
+        run_id=r.info.run_id,
+        name=r.info.run_name,
+        experiment_id=r.info.experiment_id,
+        run_dir=f"{p['storage_path'].rstrip('/')}/{r.info.run_name}",
+        data_path=p["data.path"],
+        split=p.get("data.eval_split") or "val",
+        train_split=p.get("data.split") or "train",
+        status=r.info.status,
+        tracking_uri=tracking_uri,
+    )
+
+
+def _step_of(name: str) -> int:
+    try:
+        return int(name.rsplit("_", 1)[-1]) if name.startswith("checkpoint_") else -1
+    except ValueError:
+        return -1
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, folder) of every complete checkpoint of a run, by step: the trainer state, and
+    every rank's RNG state and ZeRO shard, are there."""
+    import pyarrow.fs as pafs
+
+    from ..train.data import open_fs
+    from ..train.worker import DS_TAG, STATE_FILE
+
+    fs, base = open_fs(run_dir)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return []
+    out = []
+    for info in infos:
+        step = _step_of(info.base_name)
+        if info.type != pafs.FileType.Directory or step < 0:
+            continue
+        d = f"{base}/{info.base_name}"
+        try:
+            with fs.open_input_stream(f"{d}/{STATE_FILE}") as f:
+                world = int(json.loads(f.read().decode())["world_size"])
+            names = [f"rng/rank_{r}.pt" for r in range(world)]
+            names += [f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+            names.append(f"{DS_TAG}/mp_rank_00_model_states.pt")
+            if any(fs.get_file_info(f"{d}/{n}").type != pafs.FileType.File for n in names):
+                continue
+        except (OSError, KeyError, ValueError):
+            continue
+        out.append((step, f"{run_dir.rstrip('/')}/{info.base_name}"))
+    return sorted(out)
+
+
+def _read_state(ckpt: str) -> dict[str, Any]:
+    from ..train.data import open_fs
+    from ..train.worker import STATE_FILE
+
+    fs, base = open_fs(ckpt)
+    try:
+        with fs.open_input_stream(f"{base}/{STATE_FILE}") as f:
+            return json.loads(f.read().decode())
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{ckpt}: not a training checkpoint ({STATE_FILE}: {e})") from None
+
+
+def _copy_file(src: str, dst: Path) -> None:
+    from ..train.data import open_fs
+
+    fs, base = open_fs(src)
+    with fs.open_input_stream(base) as f:
+        dst.write_bytes(f.read())
+
+
+def consolidate(ckpt: str, out: Path) -> Path:
+    """Training checkpoint -> consolidated model folder (save_pretrained + tokenizer.json +
+    trainer_state.json + recipe.yaml), written once; a finished folder is reused."""
+    from ..train.export import load_checkpoint_model
+    from ..train.worker import STATE_FILE
+
+    if (out / STATE_FILE).is_file():
+        return out
+    model, _, _ = load_checkpoint_model(ckpt)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_mkdir(out.parent)))
+    try:
+        model.save_pretrained(tmp / "m")
+        for name in ("tokenizer.json", "recipe.yaml", STATE_FILE):  # state last: the marker
+            _copy_file(f"{ckpt.rstrip('/')}/{name}", tmp / "m" / name)
+        shutil.rmtree(out, ignore_errors=True)
+        (tmp / "m").rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def eval_dir(run_dir: str) -> Path:
+    """Where consolidated models and local results of a run's evaluations go."""
+    if "://" in run_dir:
+        key = hashlib.sha256(run_dir.encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "bitlm-eval" / key
+    return Path(run_dir) / "eval"
+
+
+def model_dir_of(run_dir: str, ckpt: str) -> Path:
+    """The consolidated model folder of a checkpoint of a run."""
+    return eval_dir(run_dir) / ckpt.rstrip("/").rsplit("/", 1)[-1] / "model"
+
+
+def load_model_dir(path: str | Path) -> tuple[BitLM, dict[str, Any], str | None]:
+    """A consolidated model folder -> (model, trainer state or {}, tokenizer.json text)."""
+    from ..train.worker import STATE_FILE
+
+    path = Path(path)
+    model = BitLM.from_pretrained(path).eval()
+    state = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
+    tok = (path / "tokenizer.json").read_text() if (path / "tokenizer.json").is_file() else None
+    return model, state, tok
+
+
+def load_any_model(spec: str, tracking_uri: str) -> tuple[BitLM, dict[str, Any], str | None]:
+    """A consolidated model folder, a training checkpoint folder, a run folder or an MLflow run
+    (its latest checkpoint) -> (model, trainer state, tokenizer.json)."""
+    p = Path(spec)
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return load_model_dir(p)
+    from ..train.worker import STATE_FILE
+
+    if "://" in spec or p.exists():
+        ckpt = spec
+        if not (p / STATE_FILE).is_file() and "://" not in spec:
+            ckpts = list_checkpoints(str(p.absolute()))
+            if not ckpts:
+                raise EvalError(f"{spec}: no complete checkpoint in this folder")
+            ckpt = ckpts[-1][1]
+        run_dir = ckpt.rstrip("/").rsplit("/", 1)[0]
+    else:
+        ref = resolve_run(spec, tracking_uri)
+        ckpts = list_checkpoints(ref.run_dir)
+        if not ckpts:
+            raise EvalError(f"run {spec!r} has no complete checkpoint in {ref.run_dir}")
+        run_dir, ckpt = ref.run_dir, ckpts[-1][1]
+    return load_model_dir(consolidate(ckpt, model_dir_of(run_dir, ckpt)))
+
+
+# ---- the evaluation itself -------------------------------------------------------------------
+def _tokenizer(text: str | None):
+    if not text:
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(text)
+    except Exception:
+        return None
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: BitLM,
+    data_path: str,
+    split: str,
+    settings: EvalSettings,
+    reference: BitLM | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """All metrics of docs/evaluation.md for ``model`` on the first rows of ``split``; returns
+    (metrics, samples)."""
+    from tqdm import tqdm
+
+    from ..train.data import Dataset
+    from .metrics import (
+        TeacherForced,
+        distinct_n,
+        frequency_buckets,
+        generation_throughput,
+        repetition_rate,
+        token_logprobs,
+    )
+
+    model.eval()
+    ds = Dataset(data_path, split, 0)
+    n = min(settings.max_rows, ds.num_rows)
+    tokens = ds.codec.from_codewords(torch.from_numpy(ds.read_rows(np.arange(n))))
+    V = model.config.vocab_size
+    buckets = frequency_buckets(tokens, V, settings.freq_buckets)
+    tf = TeacherForced(model, buckets, settings.freq_buckets)
+    steps = settings.sample_steps or None
+    loss_sum = 0.0
+    batches = range(0, n, settings.batch_size)
+    for i in tqdm(batches, desc="teacher-forced", unit="batch", disable=not progress):
+        x = tokens[i : i + settings.batch_size]
+        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
+        loss_sum += float(model.loss(x, g)) * x.shape[0]
+        tf.add(x, model.evaluate(x, steps=steps, generator=g))
+    metrics = {"val/loss": loss_sum / n, **tf.metrics(), "val/rows": float(n)}
+
+    # Generation: prompts are the first tokens of validation rows (KV cache, sampling defaults).
+    P, new = min(settings.prompt_tokens, ds.manifest.seq_len), settings.new_tokens
+    idx = np.arange(settings.gen_batch) % ds.num_rows
+    prompts = ds.codec.from_codewords(torch.from_numpy(ds.read_rows(idx)))[:, :P]
+    tps1, _ = generation_throughput(model, prompts[:1], new, settings.seed)
+    tpsb, out = generation_throughput(model, prompts, new, settings.seed)
+    metrics["gen/tokens_per_s_b1"] = tps1
+    metrics["gen/ms_per_token_b1"] = 1000.0 / tps1
+    metrics[f"gen/tokens_per_s_b{settings.gen_batch}"] = tpsb
+    cont = out[:, P:].tolist()
+    for k in (1, 2, 3):
+        metrics[f"gen/distinct_{k}"] = distinct_n(cont, k)
+    metrics["gen/repetition_rate"] = repetition_rate(cont, 4)
+    ref_lp = None
+    if reference is not None:
+        reference.eval()
+        g = torch.Generator().manual_seed(settings.seed)
+        ref_lp = token_logprobs(reference, out, g)[:, P:]  # score the continuation only
+        metrics["gen/ref_perplexity"] = math.exp(-float(ref_lp.mean()))
+    tok = _tokenizer(ds.manifest.tokenizer_json())
+    samples = []
+    for i, row in enumerate(out.tolist()):
+        s: dict[str, Any] = {"prompt_ids": row[:P], "ids": row[P:]}
+        if tok is not None:
+            s["prompt"] = tok.decode(row[:P], skip_special_tokens=False)
+            s["text"] = tok.decode(row[P:], skip_special_tokens=False)
+        if ref_lp is not None:
+            s["ref_nll_nats"] = -float(ref_lp[i].mean())
+        samples.append(s)
+    return metrics, samples
+
+
+def _samples_text(samples: list[dict[str, Any]]) -> str:
+    parts = []
+    for i, s in enumerate(samples):
+        head = f"=== sample {i}" + (
+            f" (reference nll {s['ref_nll_nats']:.3f} nats/token)" if "ref_nll_nats" in s else ""
+        )
+        parts.append(f"{head}\n--- prompt\n{s.get('prompt', s['prompt_ids'])}\n--- continuation")
+        parts.append(str(s.get("text", s["ids"])) + "\n")
+    return "\n".join(parts)
+
+
+# ---- MLflow child runs -----------------------------------------------------------------------
+def _children(client: Any, parent: RunRef, step: int) -> list[Any]:
+    return client.search_runs(
+        [parent.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.run_id}' and tags.{STEP_TAG} = '{step}'",
+        order_by=["start_time ASC"],
+    )
+
+
+def evaluated_steps(parent: RunRef) -> set[int]:
+    """Steps of ``parent`` with a FINISHED evaluation child run."""
+    client = _client(parent.tracking_uri)
+    runs = client.search_runs(
+        [parent.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.run_id}' and tags.{KIND_TAG} = 'eval'",
+        max_results=5000,
+    )
+    return {int(r.data.tags[STEP_TAG]) for r in runs if r.info.status == "FINISHED"}
+
+
+def _claim(client: Any, parent: RunRef, step: int, ckpt: str) -> tuple[str | None, str]:
+    """Create the RUNNING child run for (parent, step) unless one is FINISHED or another live
+    evaluator holds it. Returns (child run id or None, why not)."""
+    now = time.time() * 1000
+    for r in _children(client, parent, step):
+        if r.info.status == "FINISHED":
+            return None, "skipped"
+        if r.info.status == "RUNNING" and now - r.info.start_time < STALE_CLAIM_S * 1000:
+            return None, "busy"
+        client.delete_run(r.info.run_id)  # failed or abandoned attempt
+    child = client.create_run(
+        parent.experiment_id,
+        run_name=f"{parent.name}-eval-{step:08d}",
+        tags={
+            "mlflow.parentRunId": parent.run_id,
+            KIND_TAG: "eval",
+            STEP_TAG: str(step),
+            "bitlm_eval_checkpoint": ckpt,
+        },
+    )
+    cid = child.info.run_id
+    first = _children(client, parent, step)[0]  # a concurrent claim: the older one wins
+    if first.info.run_id != cid and first.info.status == "RUNNING":
+        client.delete_run(cid)
+        return None, "busy"
+    return cid, ""
+
+
+def _log_child(
+    client: Any,
+    cid: str,
+    step: int,
+    metrics: dict[str, float],
+    params: dict[str, str],
+    samples: list[dict[str, Any]],
+) -> None:
+    from mlflow.entities import Metric, Param
+
+    ts = int(time.time() * 1000)
+    ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if math.isfinite(v)]
+    ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    client.log_batch(cid, metrics=ms, params=ps)
+    client.log_text(cid, _samples_text(samples), "samples/samples.txt")
+    client.log_text(cid, "\n".join(json.dumps(s) for s in samples) + "\n", "samples/samples.jsonl")
+    client.log_text(cid, json.dumps(metrics, indent=1, sort_keys=True), "metrics.json")
+    client.set_terminated(cid, "FINISHED")
+
+
+def _check_dataset(parent: RunRef, ckpt: str, state: dict[str, Any]) -> None:
+    from ..train.data import DataError, Manifest
+
+    try:
+        man = Manifest.load(parent.data_path)
+    except DataError as e:
+        raise EvalError(f"run {parent.name!r}: its dataset is unreadable: {e}") from None
+    if parent.split not in man.shards:
+        raise EvalError(f"{parent.data_path}: no {parent.split!r} split to evaluate on")
+    fp = man.fingerprint(parent.train_split)
+    if state.get("fingerprint") not in (None, fp):
+        raise EvalError(
+            f"checkpoint {ckpt} was trained on another dataset (fingerprint "
+            f"{str(state['fingerprint'])[:12]}), run {parent.name!r} uses {parent.data_path} "
+            f"(fingerprint {fp[:12]})"
+        )
+
+
+def evaluate_checkpoint(
+    parent: RunRef,
+    step: int,
+    ckpt: str,
+    settings: EvalSettings,
+    reference: BitLM | None = None,
+    reference_name: str = "",
+    progress: bool = False,
+) -> Outcome:
+    """Evaluate one checkpoint into a child run of ``parent`` (skipped if already done)."""
+    state = _read_state(ckpt)
+    _check_dataset(parent, ckpt, state)
+    client = _client(parent.tracking_uri)
+    cid, why = _claim(client, parent, step, ckpt)
+    if cid is None:
+        return Outcome(step, why)
+    try:
+        model_dir = consolidate(ckpt, model_dir_of(parent.run_dir, ckpt))
+        model, state, _ = load_model_dir(model_dir)
+        t0 = time.perf_counter()
+        metrics, samples = evaluate_model(
+            model, parent.data_path, parent.split, settings, reference, progress
+        )
+        metrics["tokens_seen"] = float(state.get("tokens_seen", 0))
+        metrics["eval/seconds"] = time.perf_counter() - t0
+        params = {f"eval.{k}": v for k, v in dataclasses.asdict(settings).items()}
+        params["eval.reference"] = reference_name or "-"
+        params["eval.model_dir"] = str(model_dir)
+        _log_child(client, cid, step, metrics, params, samples)
+        return Outcome(step, "evaluated", cid, metrics)
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            client.set_tag(cid, "error", f"{type(e).__name__}: {e}"[:4000])
+            client.set_terminated(cid, "FAILED")
+        raise
+
+
+def _reference(spec: str, tracking_uri: str, data_path: str) -> BitLM:
+    from ..train.data import Manifest
+
+    model, _, tok = load_any_model(spec, tracking_uri)
+    man = Manifest.load(data_path)
+    if tok is not None and hashlib.sha256(tok.encode()).hexdigest() != man.tokenizer_hash:
+        raise EvalError(f"reference {spec!r} uses another tokenizer than {data_path}")
+    if model.config.vocab_size != man.vocab_size:
+        raise EvalError(
+            f"reference {spec!r} has vocab_size={model.config.vocab_size}, "
+            f"the dataset {man.vocab_size}"
+        )
+    return model
+
+
+def _selected(step: int, every: int, final_step: int | None) -> bool:
+    return every <= 0 or step % every == 0 or step == final_step
+
+
+def evaluate_run(
+    run: str | RunRef,
+    checkpoint: str = "latest",
+    *,
+    tracking_uri: str | None = None,
+    reference: str = "",
+    settings: EvalSettings | None = None,
+    progress: bool = False,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Evaluate ``checkpoint`` ("latest", "all", or a checkpoint folder) of a training run."""
+    settings = settings or EvalSettings()
+    uri = tracking_uri or tracking_uri_for()
+    parent = run if isinstance(run, RunRef) else resolve_run(run, uri)
+    if checkpoint in ("latest", "all"):
+        ckpts = list_checkpoints(parent.run_dir)
+        if not ckpts:
+            raise EvalError(f"run {parent.name!r} has no complete checkpoint in {parent.run_dir}")
+        todo = ckpts if checkpoint == "all" else ckpts[-1:]
+    else:
+        state = _read_state(checkpoint)
+        todo = [(int(state["step"]), checkpoint)]
+    ref_model = _reference(reference, uri, parent.data_path) if reference else None
+    out = []
+    for step, ckpt in todo:
+        try:
+            o = evaluate_checkpoint(parent, step, ckpt, settings, ref_model, reference, progress)
+        except EvalError:
+            raise
+        except Exception as e:  # MLflow or I/O trouble: report, go on with the others
+            log.warning("evaluation of %s failed: %s: %s", ckpt, type(e).__name__, e)
+            o = Outcome(step, "failed", error=f"{type(e).__name__}: {e}")
+        out.append(o)
+        if on_outcome is not None:
+            on_outcome(o)
+    return out
+
+
+def watch(
+    run: str | RunRef,
+    *,
+    tracking_uri: str | None = None,
+    every_steps: int = 0,
+    final_step: int | None = None,
+    reference: str = "",
+    settings: EvalSettings | None = None,
+    poll_s: float = 3.0,
+    max_attempts: int = 3,
+    progress: bool = False,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Evaluate every selected checkpoint of a training run as it appears, once each, until
+    the run is no longer RUNNING and nothing is left. Safe to restart (evaluated steps are
+    skipped) and to run beside training (one CPU thread while training runs)."""
+    settings = settings or EvalSettings()
+    uri = tracking_uri or tracking_uri_for()
+    parent = run if isinstance(run, RunRef) else resolve_run(run, uri, wait_params_s=120)
+    client = _client(uri)
+    done: set[int] = set()
+    attempts: dict[int, int] = {}
+    outcomes: list[Outcome] = []
+    ref_model = None
+    threads = torch.get_num_threads()
+    while True:
+        try:
+            status = client.get_run(parent.run_id).info.status
+        except Exception:
+            status = "RUNNING"  # MLflow unreachable: keep going
+        training = status == "RUNNING"
+        torch.set_num_threads(1 if training else threads)
+        try:
+            done |= evaluated_steps(parent)
+        except Exception as e:
+            log.warning("MLflow: cannot list evaluations (%s); retrying", type(e).__name__)
+            time.sleep(poll_s)
+            continue
+        todo = [
+            (s, c)
+            for s, c in list_checkpoints(parent.run_dir)
+            if s not in done
+            and attempts.get(s, 0) < max_attempts
+            and _selected(s, every_steps, final_step)
+        ]
+        for _, c in todo:  # consolidate first: keep_last may delete a checkpoint meanwhile
+            with contextlib.suppress(Exception):
+                consolidate(c, model_dir_of(parent.run_dir, c))
+        if todo and reference and ref_model is None:
+            try:
+                ref_model = _reference(reference, uri, parent.data_path)
+            except Exception as e:
+                log.warning("reference model %r unavailable: %s", reference, e)
+                reference = ""
+        for s, c in todo:
+            try:
+                o = evaluate_checkpoint(parent, s, c, settings, ref_model, reference, progress)
+            except Exception as e:
+                o = Outcome(s, "failed", error=f"{type(e).__name__}: {e}")
+                log.warning("evaluation of step %d failed: %s", s, o.error)
+            attempts[s] = attempts.get(s, 0) + (o.status != "busy")
+            if o.status in ("evaluated", "skipped"):
+                done.add(s)
+            outcomes.append(o)
+            if on_outcome is not None:
+                on_outcome(o)
+        if not training and not todo:
+            return outcomes
+        if not todo:
+            time.sleep(poll_s)
+
+
+# ---- automatic evaluation (started by the training driver) -----------------------------------
+class AutoEval:
+    """The watcher of one training run, as a Ray task (0 CPUs: it never delays training)."""
+
+    def __init__(self, ref: Any) -> None:
+        self._ref = ref
+
+    def wait(self, timeout_s: float | None = None) -> list[Outcome]:
+        """Wait for the watcher (after the run's final status is set); never raises."""
+        import ray
+
+        try:
+            return ray.get(self._ref, timeout=timeout_s)
+        except Exception as e:
+            log.warning("automatic evaluation did not finish: %s: %s", type(e).__name__, e)
+            return []
+
+    def cancel(self) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.cancel(self._ref, force=True)
+
+
+def _watch_task(ref: dict[str, Any], every: int, final: int, reference: str) -> list[Outcome]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    def say(o: Outcome) -> None:
+        log.info("eval of %s step %d: %s %s", ref["name"], o.step, o.status, o.error)
+
+    return watch(
+        RunRef(**ref),
+        tracking_uri=ref["tracking_uri"],
+        every_steps=every,
+        final_step=final,
+        reference=reference,
+        on_outcome=say,
+    )
+
+
+def start_auto_eval(recipe: Any, run_dir: str, tracking_uri: str, run_id: str) -> AutoEval:
+    """Start the watcher of a training run (``eval.auto``); the driver waits for it at the end."""
+    import ray
+
+    client = _client(tracking_uri)
+    run = client.get_run(run_id)
+    ref = RunRef(
+        run_id=run_id,
+        name=recipe.name,
+        experiment_id=run.info.experiment_id,
+        run_dir=run_dir,
+        data_path=recipe.data.path,
+        split=recipe.data.eval_split or "val",
+        train_split=recipe.data.split,
+        tracking_uri=tracking_uri,
+    )
+    task = ray.remote(num_cpus=0, max_retries=0)(_watch_task)
+    return AutoEval(
+        task.remote(
+            dataclasses.asdict(ref),
+            recipe.eval.auto_every_steps,
+            recipe.steps,
+            recipe.eval.reference_run,
+        )
+    )
+
+
+def settings_from(ns: Any) -> EvalSettings:
+    """EvalSettings from an argparse namespace holding its fields."""
+    return from_dict(
+        EvalSettings, {f.name: getattr(ns, f.name) for f in dataclasses.fields(EvalSettings)}
+    )
