@@ -701,7 +701,12 @@ def start_auto_eval(recipe: Any, run_dir: str, tracking_uri: str, run_id: str) -
         train_split=recipe.data.split,
         tracking_uri=tracking_uri,
     )
+    from ..train.launch import _FORWARD_ENV
+
+    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
     task = ray.remote(num_cpus=0, max_retries=0)(_watch_task)
+    if env:  # credentials reach the task only through its environment (never logged)
+        task = task.options(runtime_env={"env_vars": env})
     return AutoEval(
         task.remote(
             dataclasses.asdict(ref),
