@@ -4,7 +4,8 @@ Order of a run (each step resumable; the manifest is the commit point, written l
 1. list inputs (sorted); inputs already in the manifest are done: nothing new -> no work.
 2. tokenizer + code table: kept from the dataset, or built once (first run) and marked.
 3. plan units: the new files in sorted order, grouped into units of about ``unit_bytes``.
-4. scan pass (Ray Data): per-file index files (hash + drop reason of every document).
+4. scan pass (Ray Data): one index file per unit (path, position, hash, drop reason of every
+   document).
 5. dedup (driver): replay every index file in commit order (earlier runs, then the new files in
    sorted order); the first occurrence of a hash wins.
 6. encode pass (Ray Data): shards per unit, skipping units whose marker matches the plan.
@@ -33,7 +34,7 @@ from pipeline.readers import read_documents
 from pipeline.steps import alive, run_steps, scan_steps
 from pipeline.storage import InputFile, Storage, StorageError, is_s3, s3_options_from_env
 from pipeline.tokenizer import build_code_table, eod_id_of, sample_order, train_bpe
-from pipeline.units import codeword_dtype, run_task
+from pipeline.units import codeword_dtype, index_rows, run_task
 
 __all__ = ["FORMAT_VERSION", "PreprocessError", "read_manifest", "run_preprocess", "storage_for"]
 
@@ -114,7 +115,6 @@ def _file_spec(f: InputFile, s: InputSpec) -> dict[str, Any]:
         "format": s.format,
         "text_unit": s.text_unit,
         "text_field": s.text_field,
-        "index": f"index/{_key(f.path, f.size, f.mtime)}.parquet",
     }
 
 
@@ -304,6 +304,20 @@ def _read_index(storage: Storage, root: str, index_path: str) -> pa.Table:
     return pq.read_table(pa.BufferReader(storage.read_bytes(f"{root}/{index_path}")))
 
 
+class IndexReader:
+    """Reads each unit index file once; rows of one input file as (positions, hashes, reasons)."""
+
+    def __init__(self, storage: Storage, root: str) -> None:
+        self.storage, self.root = storage, root
+        self._cache: dict[str, dict[str, Any]] = {}
+
+    def rows(self, index_path: str, path: str) -> tuple[list[int], list[Any], list[Any]]:
+        if index_path not in self._cache:
+            self._cache.clear()  # files of one unit are contiguous in commit order
+            self._cache[index_path] = index_rows(_read_index(self.storage, self.root, index_path))
+        return self._cache[index_path].get(path, ([], [], []))
+
+
 def _resolve(
     storage: Storage,
     root: str,
@@ -312,16 +326,14 @@ def _resolve(
 ) -> dict[str, dict[str, Any]]:
     """Per new file: duplicate positions and counts. First occurrence in commit order wins."""
     seen: set[bytes] = set()
+    reader = IndexReader(storage, root)
     for rec in prior:
-        for h in _read_index(storage, root, rec["index"]).column("hash").to_pylist():
+        for h in reader.rows(rec["index"], rec["path"])[1]:
             if h is not None:
                 seen.add(h)
     out: dict[str, dict[str, Any]] = {}
     for f in new:
-        t = _read_index(storage, root, f["index"])
-        hashes = t.column("hash").to_pylist()
-        reasons = t.column("reason").to_pylist()
-        positions = t.column("index").to_pylist()
+        positions, hashes, reasons = reader.rows(f["index"], f["path"])
         dups: list[int] = []
         dropped: dict[str, int] = {}
         for pos, h, r in zip(positions, hashes, reasons, strict=True):
@@ -432,9 +444,12 @@ def _run(
     done_index = set(storage.list_names(f"{root}/index"))
     scan_specs = []
     for uid, u in zip(unit_ids, units, strict=True):
-        todo = [f for f in u if f["index"].split("/")[-1] not in done_index]
-        if todo:
-            scan_specs.append({"kind": "scan", "unit": uid, "files": todo, **common})
+        index = f"index/{_key(*((f['path'], f['size'], f['mtime']) for f in u))}.parquet"
+        for f in u:
+            f["index"] = index
+        if index.split("/")[-1] not in done_index:
+            spec = {"kind": "scan", "unit": uid, "index": index, "files": u, **common}
+            scan_specs.append(spec)
     _ray_map(cfg, scan_specs, "scan")
     lap("scan")
     _maybe_kill("after_scan")
@@ -534,10 +549,10 @@ def _build_manifest(
     run_no = len(runs) + 1
     unit_of = {}
     for uid in unit_ids:
+        for p in markers[uid]["inputs"]:
+            unit_of[p] = uid
         for s in markers[uid]["shards"]:
             shards.append({**s, "run": run_no})
-            for p in s["inputs"]:
-                unit_of[p] = uid
     for f in new:
         r = resolved[f["path"]]
         inputs.append(
@@ -549,7 +564,7 @@ def _build_manifest(
                 "text_unit": f["text_unit"],
                 "text_field": f["text_field"],
                 "index": f["index"],
-                "unit": unit_of.get(f["path"]),
+                "unit": unit_of[f["path"]],
                 "run": run_no,
                 "docs": r["docs"],
                 "kept": r["kept"],

@@ -4,9 +4,10 @@ A unit is a deterministic group of input files (its id is a hash of their paths)
 take a plain JSON-able spec, write their outputs with atomic whole-object writes, and finish with a
 marker, so a killed run that is rerun finds the finished units and redoes only the rest:
 
-- scan: read -> decode -> normalise -> filters -> hash, for each file; writes
-  ``index/<filekey>.parquet`` (one row per document: position, hash, drop reason). Its presence
-  is the marker. The driver resolves duplicates globally from these files.
+- scan: read -> decode -> normalise -> filters -> hash, for each file; writes one
+  ``index/<key>.parquet`` for the unit (one row per document: file path, position, hash, drop
+  reason; <key> hashes the files' paths, sizes and mtimes). Its presence is the marker. The driver
+  resolves duplicates globally from these files.
 - encode: the same steps again, then mark the duplicates the driver resolved -> split ->
   tokenise -> bit-encode -> pack -> write ``shards/<split>/<unit>-00000.parquet`` (and optional
   ``rejects/<unit>.jsonl.gz``), then the marker ``_work/units/<unit>.json``.
@@ -45,7 +46,14 @@ from pipeline.steps import (
 )
 from pipeline.storage import Storage
 
-__all__ = ["codeword_dtype", "encode_unit", "index_table", "run_task", "scan_unit"]
+__all__ = [
+    "codeword_dtype",
+    "encode_unit",
+    "index_rows",
+    "index_table",
+    "run_task",
+    "scan_unit",
+]
 
 _CACHE: dict[str, Any] = {}
 
@@ -66,12 +74,13 @@ def _read_file(storage: Storage, f: dict[str, Any], filters: dict[str, Any]) -> 
     return run_steps(steps, batch), steps
 
 
-def index_table(batch: Batch) -> pa.Table:
-    """One row per document of a file: position, 16-byte hash (null if dropped), drop reason."""
+def index_table(path: str, batch: Batch) -> pa.Table:
+    """One row per document of a file: path, position, 16-byte hash (null if dropped), reason."""
     n = len(batch["reason"])
     hashes = batch.get("hash", [None] * n)
     return pa.table(
         {
+            "path": pa.array([path] * n, type=pa.string()),
             "index": pa.array(batch["index"], type=pa.int64()),
             "hash": pa.array(
                 [h if r is None else None for h, r in zip(hashes, batch["reason"], strict=True)],
@@ -82,6 +91,20 @@ def index_table(batch: Batch) -> pa.Table:
     )
 
 
+def index_rows(
+    table: pa.Table,
+) -> dict[str, tuple[list[int], list[bytes | None], list[str | None]]]:
+    """An index table -> {path: (positions, hashes, reasons)}, in file and document order."""
+    out: dict[str, tuple[list[int], list[bytes | None], list[str | None]]] = {}
+    cols = [table.column(c).to_pylist() for c in ("path", "index", "hash", "reason")]
+    for path, pos, h, r in zip(*cols, strict=True):
+        rows = out.setdefault(path, ([], [], []))
+        rows[0].append(pos)
+        rows[1].append(h)
+        rows[2].append(r)
+    return out
+
+
 def _table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", write_statistics=False)
@@ -89,16 +112,19 @@ def _table_bytes(table: pa.Table) -> bytes:
 
 
 def scan_unit(spec: dict[str, Any]) -> dict[str, Any]:
-    """Writes the index file of every file in the unit; returns counters."""
+    """Writes the unit's index file (all its files' documents); returns counters."""
     storage = Storage(spec["s3"])
     t0 = time.perf_counter()
     counters: dict[str, dict[str, int]] = {}
     nbytes = 0
+    tables = []
     for f in spec["files"]:
         batch, steps = _read_file(storage, f, spec["filters"])
         merge_counters(counters, step_counters(steps))
         nbytes += f["size"]
-        storage.write_atomic(f"{spec['root']}/{f['index']}", _table_bytes(index_table(batch)))
+        tables.append(index_table(f["path"], batch))
+    table = pa.concat_tables(tables)
+    storage.write_atomic(f"{spec['root']}/{spec['index']}", _table_bytes(table))
     return {"unit": spec["unit"], "bytes": nbytes, "seconds": time.perf_counter() - t0}
 
 
@@ -181,7 +207,13 @@ def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
         with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
             gz.write(b"".join(rejects))
         storage.write_atomic(f"{root}/rejects/{unit}.jsonl.gz", buf.getvalue())
-    marker = {"unit": unit, "plan": spec["plan"], "shards": shards, "counters": counters}
+    marker = {
+        "unit": unit,
+        "plan": spec["plan"],
+        "inputs": [f["path"] for f in spec["files"]],
+        "shards": shards,
+        "counters": counters,
+    }
     storage.write_atomic(f"{root}/_work/units/{unit}.json", json.dumps(marker).encode())
     marker["seconds"] = time.perf_counter() - t0
     return marker

@@ -45,6 +45,14 @@ def test_end_to_end_all_formats(ray_local, corpus, make_config, pp, tmp_path: Pa
     assert report["ok"], report["errors"]
     assert len(report["sample_units"]) == s["units"]
     check_decodes(out, corpus.expected(), 0.2, pp)
+    assert all(r["unit"] for r in m["inputs"])
+    # verify catches a damaged shard
+    shard = out / m["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = verify(str(out))
+    assert not bad["ok"] and "checksum" in bad["errors"][0]
 
 
 def test_bad_input_is_counted_not_fatal(ray_local, make_config, pp, tmp_path: Path) -> None:
