@@ -26,7 +26,14 @@ from .codec import BitCodec
 from .config import ModelConfig
 from .diffusion import diffusion_loss, euler_sample
 
-__all__ = ["AdaLNBlock", "DiffusionHead", "SoftmaxHead", "modulate", "timestep_embedding"]
+__all__ = [
+    "AdaLNBlock",
+    "DiffusionHead",
+    "SoftmaxHead",
+    "modulate",
+    "slot_attention",
+    "timestep_embedding",
+]
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0) -> Tensor:
@@ -35,6 +42,14 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0) 
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = 1000.0 * t.float()[:, None] * freqs[None, :]
     return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def slot_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Full attention among the m slots of each block: [R, heads, m, hd] -> [R, heads, m, hd].
+    Explicit math: m is 4-8, and SDPA's fused backends fail on very large R x heads (cuDNN's
+    raised at 262k blocks on an H200)."""
+    att = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # [R, heads, m, m]
+    return att.softmax(-1).to(v.dtype) @ v
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -61,7 +76,7 @@ class AdaLNBlock(nn.Module):
     def attn(self, x: Tensor) -> Tensor:
         R, m, W = x.shape
         q, k, v = self.qkv(x).view(R, m, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # [R, heads, m, W/heads]
+        y = slot_attention(q, k, v)  # [R, heads, m, W/heads]
         return self.proj(y.transpose(1, 2).reshape(R, m, W))
 
     def mlp(self, x: Tensor) -> Tensor:

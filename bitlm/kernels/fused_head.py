@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..head import timestep_embedding
+from ..head import slot_attention, timestep_embedding
 from .bits import noise_bits, repair_words
 from .loss import fused_bit_loss
 from .mlp import adaln_mlp, linear_gated_residual, ln_modulate
@@ -51,7 +51,7 @@ def fused_forward(
         s1, c1, g1, s2, c2, g2 = blk.ada(y).chunk(6, dim=-1)  # views [R, m, W]
         qkv = blk.qkv(ln_modulate(z, s1, c1)).view(R, m, 3, blk.heads, W // blk.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [R, heads, m, W/heads] each
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # [R, m, heads, W/heads]
+        a = slot_attention(q, k, v).transpose(1, 2)  # [R, m, heads, W/heads]
         z = linear_gated_residual(a.reshape(R, m, W), blk.proj, g1, z)  # z + g1 proj(a)
         z = adaln_mlp(z, s2, c2, g2, blk.fc1, blk.fc2)
     shift, scale = head.final_ada(y).chunk(2, dim=-1)

@@ -125,8 +125,8 @@ def test_ln_modulate(device, dtype, M, W):
     dy = rnd(torch.randn(M, W, generator=g), dtype)
 
     def run(fn, dt, dev):
-        xx = x.to(dev, dt).requires_grad_()
-        aa = ada.to(dev, dt).requires_grad_()
+        xx = x.to(dev, dt).detach().clone().requires_grad_()
+        aa = ada.to(dev, dt).detach().clone().requires_grad_()
         s, c, _ = aa.chunk(3, -1)
         y = fn(xx, s, c)
         y.backward(dy.to(dev, dt))
@@ -153,8 +153,8 @@ def test_adaln_mlp(device, dtype, R, m, W, ratio):
 
     def run(fused: bool, dt, dev):
         b = copy.deepcopy(blk).to(dev, dt)
-        xx = x.to(dev, dt).requires_grad_()
-        yy = y.to(dev, dt).requires_grad_()
+        xx = x.to(dev, dt).detach().clone().requires_grad_()
+        yy = y.to(dev, dt).detach().clone().requires_grad_()
         _, _, _, s2, c2, g2 = b.ada(yy).chunk(6, dim=-1)
         if fused:
             out = adaln_mlp(xx, s2, c2, g2, b.fc1, b.fc2)
@@ -188,7 +188,7 @@ def test_loss(device, dtype, kind, squash, vocab, R, m):
     out, t = rnd(out, dtype), rnd(t, dtype)
 
     def run(fused: bool, dt, dev):
-        o = out.to(dev, dt).requires_grad_()
+        o = out.to(dev, dt).detach().clone().requires_grad_()
         tt = t.to(dev, dt)
         if fused:
             loss = fused_bit_loss(o, words.to(dev), tt, squash=squash, kind=kind)
@@ -243,7 +243,7 @@ def test_head_loss_parity(device, dtype, kw):
     def run(fused: bool, dt, dev):
         hd = copy.deepcopy(head).to(dev, dt)
         hd.force_fused = fused
-        hh = h.to(dev, dt).requires_grad_()
+        hh = h.to(dev, dt).detach().clone().requires_grad_()
         tt = t.to(dev, dt)
         sc = None if x_sc is None else x_sc.to(dev, dt)
         x_t = hd.noise(words.to(dev), tt, eps.to(dev, dt))
@@ -410,7 +410,10 @@ def test_adaln_mlp_large_cuda(dtype):
 
     def run(fused: bool, dt):
         b = copy.deepcopy(blk).to(dtype=dt)
-        xx, aa = x.to(dt).requires_grad_(), ada.to(dt).requires_grad_()
+        xx, aa = (
+            x.to(dt).detach().clone().requires_grad_(),
+            ada.to(dt).detach().clone().requires_grad_(),
+        )
         s, c, gt = aa.chunk(3, -1)
         if fused:
             out = adaln_mlp(xx, s, c, gt, b.fc1, b.fc2)
