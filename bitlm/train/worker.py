@@ -21,7 +21,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -292,6 +292,8 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
         recipe.data.path, recipe.data.split, recipe.data.seed, recipe.data.row_group_cache
     )
     man = data.manifest
+    if recipe.data.vocab_from_manifest and recipe.model.vocab_size != man.vocab_size:
+        recipe = replace(recipe, model=replace(recipe.model, vocab_size=man.vocab_size))
     man.check_model(recipe.model.vocab_size, recipe.model.block_size)
     table = data.codec.table
     seq_len = man.seq_len

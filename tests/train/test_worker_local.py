@@ -1,0 +1,64 @@
+"""The worker loop in-process (world size 1, gloo via env://, no Ray): the dataset fingerprint
+guards resume, keep-last-k, and the checkpoint layout docs/training.md documents."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import TINY
+from helpers import write_dataset
+
+from bitlm.train.config import load_train_recipe
+from bitlm.train.worker import FATAL_FILE, LocalSession, train_worker
+
+
+def _recipe(data, storage, *extra):
+    ov = [o for o in TINY if not o.startswith(("num_workers", "cpus_per"))]
+    return load_train_recipe(
+        None,
+        [
+            *ov,
+            "num_workers=1",
+            "global_batch_size=4",
+            f"data.path={data}",
+            f"storage_path={storage}",
+            "mlflow.enabled=false",
+            "zero_stage=1",
+            *extra,
+        ],
+        "local",
+    )
+
+
+def test_changed_data_refuses_to_resume_unless_overridden(dist_world1, tmp_path, tiny_data):
+    storage = tmp_path / "runs"
+    r = _recipe(
+        tiny_data,
+        storage,
+        "steps=4",
+        "test.stop_after_steps=2",
+        "checkpoint.keep_last=1",
+        "checkpoint.every_steps=1",
+    )
+    s = LocalSession(str(storage), "local", keep=1)
+    train_worker({"recipe": r.to_dict()}, s)
+    ckpts = sorted(p.name for p in (storage / "local").glob("checkpoint_*"))
+    assert ckpts == ["checkpoint_00000002"]  # keep-last-1
+    ck = storage / "local" / ckpts[0]
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["tokens_seen"] == 2 * 4 * 32
+    assert state["data_position"] == 8 and state["world_size"] == 1
+    for name in ("recipe.yaml", "tokenizer.json", "code_table.json", "rng/rank_0.pt", "latest"):
+        assert (ck / name).is_file(), name
+
+    other = write_dataset(tmp_path / "other", train_rows=40)  # same shapes, different data
+    r2 = _recipe(other, storage, "steps=4")
+    train_worker({"recipe": r2.to_dict()}, LocalSession(str(storage), "local", keep=1))
+    fatal = json.loads((storage / "local" / FATAL_FILE).read_text())
+    assert "dataset changed" in fatal["error"] and "allow_fingerprint_change" in fatal["error"]
+    assert sorted(p.name for p in (storage / "local").glob("checkpoint_*")) == ckpts
+
+    r3 = _recipe(other, storage, "steps=4", "data.allow_fingerprint_change=true")
+    s3 = LocalSession(str(storage), "local", keep=1)
+    train_worker({"recipe": r3.to_dict()}, s3)
+    assert [x["step"] for x in s3.reports] == [4]  # resumed at 2, finished at 4
