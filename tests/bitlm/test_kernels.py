@@ -258,7 +258,9 @@ def test_head_loss_parity(device, dtype, kw):
     ref32 = run(False, torch.float32, "cpu")
     assert fused.keys() == ref32.keys()
     for k in ref32:
-        check(fused[k].detach().float().cpu(), ref_lp[k].float(), ref32[k].float(), dtype, name=k)
+        # Whole-head gradients sum over three blocks: CUDA and CPU accumulate in different
+        # orders, so fp32 gets 5e-5 here (measured 1.0e-5 on an H200, <2e-6 in the interpreter).
+        check(fused[k].detach().float().cpu(), ref_lp[k].float(), ref32[k].float(), dtype, 5e-5, k)
 
 
 def test_state_dict_interchange():
