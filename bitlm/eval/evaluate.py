@@ -60,7 +60,7 @@ class EvalError(ValueError):
 class EvalSettings:
     """What one evaluation computes (defaults sized for CPU; all are CLI flags)."""
 
-    max_rows: int = 16  # validation rows for the loss and the teacher-forced metrics
+    max_rows: int = 32  # validation rows for the loss and the teacher-forced metrics
     batch_size: int = 8
     sample_steps: int = 0  # K for sampling; 0: the model's default
     freq_buckets: int = 4

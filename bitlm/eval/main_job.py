@@ -201,8 +201,11 @@ def run_main(work_dir: str | Path = "runs/main", overrides: list[str] | None = N
     res = compare(list(run_ids.values()), out_dir=work / "compare", tracking_uri=uri)
     times["compare"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_all
+    models = sorted((work / "main-bitlm" / "eval").glob("checkpoint_*/model"))
+    model = models[-1] if models else work / "main-bitlm" / "eval" / "<checkpoint>" / "model"
     out = {
         "work_dir": str(work),
+        "model": str(model),
         "tracking_uri": uri,
         "runs": run_ids,
         "compare_dir": str(res.out_dir),
@@ -217,12 +220,11 @@ def run_main(work_dir: str | Path = "runs/main", overrides: list[str] | None = N
     print("Plots:")
     for p in res.plots:
         print(f"  {p}")
-    model = work / "main-bitlm" / "eval"
     print("\nTimes (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     print("\nOpen the MLflow UI on these runs:")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     print("Sample from the trained BitLM:")
-    print(f'  .venv/bin/bitlm generate --model {model}/<checkpoint>/model --prompt "def "')
+    print(f'  .venv/bin/bitlm generate --model {model} --prompt "def "')
     return out
 
 
