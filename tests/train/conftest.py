@@ -52,24 +52,25 @@ def tiny_data(tmp_path_factory) -> str:
     return write_dataset(tmp_path_factory.mktemp("data") / "tiny")
 
 
-@pytest.fixture
-def dist_world1(monkeypatch):
-    """An in-process gloo process group of world size 1 (env://), torn down afterwards."""
+@pytest.fixture(scope="session")
+def dist_world1():
+    """An in-process gloo process group of world size 1 (env://), kept for the session:
+    DeepSpeed caches its groups, so it is created once and never torn down."""
     import torch.distributed as dist
 
-    for k, v in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "LOCAL_WORLD_SIZE": "1",
-    }.items():
-        monkeypatch.setenv(k, v)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        for k, v in {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+        }.items():
+            os.environ.setdefault(k, v)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        dist.init_process_group("gloo")
     yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

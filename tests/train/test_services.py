@@ -276,7 +276,8 @@ def test_cluster_path_ray_job_submit(tiny_data, tmp_path, mlflow_uri):
         "--disable-usage-stats",
     ]
     try:
-        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+        p = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
         runtime_env = {
             "env_vars": {
                 "MLFLOW_TRACKING_URI": mlflow_uri,

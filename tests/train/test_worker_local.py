@@ -62,3 +62,31 @@ def test_changed_data_refuses_to_resume_unless_overridden(dist_world1, tmp_path,
     s3 = LocalSession(str(storage), "local", keep=1)
     train_worker({"recipe": r3.to_dict()}, s3)
     assert [x["step"] for x in s3.reports] == [4]  # resumed at 2, finished at 4
+
+
+def test_time_policy_checkpoints_and_spike_guard(dist_world1, tmp_path, tiny_data):
+    import pytest
+
+    from bitlm.train.worker import FatalTrainingError, _guard
+
+    storage = tmp_path / "runs"
+    r = _recipe(
+        tiny_data,
+        storage,
+        "steps=3",
+        "checkpoint.every_steps=0",
+        "checkpoint.every_minutes=0.00001",
+        "checkpoint.at_end=false",
+        "checkpoint.keep_last=5",
+    )
+    s = LocalSession(str(storage), "local", keep=5)
+    train_worker({"recipe": r.to_dict()}, s)
+    assert [x["step"] for x in s.reports] == [1, 2, 3]  # the clock, not the step count
+
+    g = _recipe(tiny_data, storage, "failure.spike_ratio=2.0", "failure.spike_warmup_steps=5")
+    _guard(g, 10, 1.9, ema=1.0)  # below the threshold
+    _guard(g, 3, 5.0, ema=1.0)  # not armed yet
+    with pytest.raises(FatalTrainingError, match="loss spike at step 10"):
+        _guard(g, 10, 2.5, ema=1.0)
+    with pytest.raises(FatalTrainingError, match="loss is inf"):
+        _guard(g, 1, float("inf"), ema=None)
