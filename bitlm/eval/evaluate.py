@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,7 +50,9 @@ __all__ = [
 
 KIND_TAG = "bitlm_kind"
 STEP_TAG = "bitlm_eval_step"
+OWNER_TAG = "bitlm_eval_owner"  # host:pid of the evaluating process
 STALE_CLAIM_S = 1800.0  # a RUNNING eval child older than this is a crashed evaluator's
+_OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class EvalError(ValueError):
@@ -413,6 +416,20 @@ def evaluated_steps(parent: RunRef) -> set[int]:
     return {int(r.data.tags[STEP_TAG]) for r in runs if r.info.status == "FINISHED"}
 
 
+def _owner_alive(owner: str) -> bool:
+    """False only when the claiming process ran on this host and is gone."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
 def _claim(client: Any, parent: RunRef, step: int, ckpt: str) -> tuple[str | None, str]:
     """Create the RUNNING child run for (parent, step) unless one is FINISHED or another live
     evaluator holds it. Returns (child run id or None, why not)."""
@@ -420,7 +437,8 @@ def _claim(client: Any, parent: RunRef, step: int, ckpt: str) -> tuple[str | Non
     for r in _children(client, parent, step):
         if r.info.status == "FINISHED":
             return None, "skipped"
-        if r.info.status == "RUNNING" and now - r.info.start_time < STALE_CLAIM_S * 1000:
+        live = now - r.info.start_time < STALE_CLAIM_S * 1000
+        if r.info.status == "RUNNING" and live and _owner_alive(r.data.tags.get(OWNER_TAG, "")):
             return None, "busy"
         client.delete_run(r.info.run_id)  # failed or abandoned attempt
     child = client.create_run(
@@ -430,6 +448,7 @@ def _claim(client: Any, parent: RunRef, step: int, ckpt: str) -> tuple[str | Non
             "mlflow.parentRunId": parent.run_id,
             KIND_TAG: "eval",
             STEP_TAG: str(step),
+            OWNER_TAG: _OWNER,
             "bitlm_eval_checkpoint": ckpt,
         },
     )
@@ -641,8 +660,8 @@ def watch(
                 on_outcome(o)
         if not training and not todo:
             return outcomes
-        if not todo:
-            time.sleep(poll_s)
+        if not any(o.status == "evaluated" for o in outcomes[len(outcomes) - len(todo) :]):
+            time.sleep(poll_s)  # nothing new, or only steps another evaluator holds
 
 
 # ---- automatic evaluation (started by the training driver) -----------------------------------

@@ -134,17 +134,17 @@ def run_main(work_dir: str | Path = "runs/main", overrides: list[str] | None = N
     t0 = time.perf_counter()
     import ray
 
-    from ..train.launch import _FORWARD_ENV
-
-    env = {k: os.environ[k] for k in (*_FORWARD_ENV, *ENV) if k in os.environ}
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        pass
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)  # a cluster (`ray job submit`)
+    else:  # the embedded default: its workers inherit this environment
         ray.init(
-            address=os.environ.get("RAY_ADDRESS") or "local",
+            address="local",
             num_cpus=max(2, os.cpu_count() or 2),
             include_dashboard=False,
             object_store_memory=256 * 1024 * 1024,
             log_to_driver=False,
-            runtime_env={"env_vars": env},
         )
     times["ray_start"] = time.perf_counter() - t0
 

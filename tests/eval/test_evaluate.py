@@ -126,3 +126,42 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, capsys):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("evaluate: error: unknown run")
     assert "Traceback" not in p.stderr
+
+
+def test_live_claims_are_respected_and_abandoned_ones_redone(trained, capsys):
+    """Two evaluators never both evaluate a step; a crashed evaluator's claim is taken over."""
+    import os
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(trained.uri)
+    kid2 = next(
+        k for k in eval_children(trained.uri, trained) if k.data.tags["bitlm_eval_step"] == "2"
+    )
+    c.delete_run(kid2.info.run_id)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ckpt2 = dict(trained.checkpoints)[2]
+
+    def claim(owner: str) -> str:
+        tags = {
+            "mlflow.parentRunId": trained.run_id,
+            "bitlm_kind": "eval",
+            "bitlm_eval_step": "2",
+            "bitlm_eval_owner": owner,
+        }
+        return c.create_run(trained.experiment_id, run_name="claim", tags=tags).info.run_id
+
+    live = claim(f"{socket.gethostname()}:{os.getpid()}")
+    argv = ["--run", trained.name, "--checkpoint", ckpt2, "--no-progress"]
+    assert evaluate_main(argv) == 0
+    assert "step 2: being evaluated by another process" in capsys.readouterr().out
+    c.delete_run(live)
+
+    claim(f"{socket.gethostname()}:{dead.pid}")
+    assert evaluate_main(argv) == 0
+    assert "step 2: evaluated" in capsys.readouterr().out
+    kids = eval_children(trained.uri, trained, finished_only=False)
+    assert sorted(k.data.tags["bitlm_eval_step"] for k in kids) == ["2", "4"]
+    assert all(k.info.status == "FINISHED" for k in kids)
