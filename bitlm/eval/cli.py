@@ -100,6 +100,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     except _bad_input() as e:
         _fail("evaluate", e)
         return 2
+    except Exception as e:  # e.g. MLflow unreachable: one line, not a traceback
+        _fail("evaluate", RuntimeError(f"{type(e).__name__}: {e}"))
+        return 1
     return 1 if any(o.status == "failed" for o in out) else 0
 
 
@@ -124,6 +127,9 @@ def compare_main(argv: list[str] | None = None) -> int:
     except _bad_input() as e:
         _fail("compare", e)
         return 2
+    except Exception as e:  # e.g. MLflow unreachable
+        _fail("compare", RuntimeError(f"{type(e).__name__}: {e}"))
+        return 1
     print(res.table)
     print(f"\nMarkdown: {res.out_dir / 'table.md'}")
     for png in res.plots:
