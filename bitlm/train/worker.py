@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ..model import BitLM
 from ..recipe import from_dict
 from .config import TrainRecipe
-from .data import Dataset, open_fs, rank_positions
+from .data import DataError, Dataset, open_fs, rank_positions
 
 log = logging.getLogger("bitlm.train")
 
@@ -574,7 +574,8 @@ def _evaluate(recipe, engine, man, codec, step, rank, world, device, tracker) ->
     try:
         ev = None
         if recipe.data.eval_split and recipe.data.eval_split in man.shards:
-            ev = Dataset(recipe.data.path, recipe.data.eval_split, recipe.data.seed)
+            with contextlib.suppress(DataError):  # e.g. an empty val split: no eval loss
+                ev = Dataset(recipe.data.path, recipe.data.eval_split, recipe.data.seed)
         total = torch.zeros(2, device=device)
         gathered = contextlib.nullcontext()
         if recipe.zero_stage == 3:

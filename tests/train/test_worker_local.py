@@ -78,6 +78,7 @@ def test_time_policy_checkpoints_and_spike_guard(dist_world1, tmp_path, tiny_dat
         "checkpoint.every_minutes=0.00001",
         "checkpoint.at_end=false",
         "checkpoint.keep_last=5",
+        "eval.every_steps=2",  # eval loss + generated samples, in-process
     )
     s = LocalSession(str(storage), "local", keep=5)
     train_worker({"recipe": r.to_dict()}, s)
