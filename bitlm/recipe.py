@@ -88,6 +88,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise RecipeError(f"{key}={value!r}: must be an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise RecipeError(f"{key}={value!r}: must be a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise RecipeError(f"{key}={value!r}: must be a number")
         return float(value)
