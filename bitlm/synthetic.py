@@ -51,12 +51,13 @@ class MarkovChain:
 
 @dataclass
 class PhraseData:
-    """Deterministic text-like data: sequences are concatenations of fixed phrases, each phrase
-    starting with a unique key token, so everything after a key is decided by the context."""
+    """Deterministic text-like data: sequences are random orders of a fixed set of phrases, each
+    phrase a unique key token followed by a fixed body. Once a phrase's key is in the context,
+    the rest of the phrase is decided, so those blocks can be predicted exactly."""
 
     vocab_size: int
     n_phrases: int = 16
-    phrase_len: int = 8
+    phrase_len: int = 12
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,11 +69,15 @@ class PhraseData:
         self.phrases = torch.cat([keys[:, None], body], 1)  # [n_phrases, phrase_len]
 
     def sample(self, batch: int, length: int, generator: torch.Generator) -> Tensor:
-        n = -(-length // self.phrase_len) + 1
+        n = -(-length // self.phrase_len)
         idx = torch.randint(0, self.n_phrases, (batch, n), generator=generator)
-        seq = self.phrases[idx].reshape(batch, -1)
-        offset = torch.randint(0, self.phrase_len, (1,), generator=generator).item()
-        return seq[:, offset : offset + length]
+        return self.phrases[idx].reshape(batch, -1)[:, :length]
+
+    def determined_blocks(self, length: int, block_size: int) -> Tensor:
+        """Bool [length / m]: blocks whose every token follows its phrase's key in the context."""
+        pos = torch.arange(0, length, block_size)
+        start = pos % self.phrase_len  # offset of the block's first token in its phrase
+        return (start > 0) & (start + block_size <= self.phrase_len)
 
 
 def fit(
