@@ -14,29 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from eval_helpers import write_dataset
-
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.n_kv_heads=1",
-    "model.head_width=32",
-    "model.head_depth=1",
-    "model.head_heads=2",
-    "model.diffusion_batch_mul=2",
-    "global_batch_size=8",
-    "micro_batch_size=2",
-    "num_workers=2",
-    "cpus_per_worker=0.5",
-    "optim.lr=0.003",
-    "schedule.warmup_steps=1",
-    "log_every=1",
-    "mlflow.log_every=1",
-    "mlflow.system_metrics=false",
-    "eval.every_steps=0",
-    "checkpoint.every_minutes=0",
-]
+from eval_helpers import TINY, write_dataset
 
 
 @dataclass

@@ -20,6 +20,9 @@ def _train_helpers():
     return mod
 
 
+TINY: list[str] = _train_helpers().TINY
+
+
 def write_dataset(root: Path, **kw) -> str:
     return _train_helpers().write_dataset(root, **kw)
 

@@ -4,7 +4,6 @@ tiny model/recipe overrides every run uses."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -12,39 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import write_dataset
-
-ROOT = Path(__file__).resolve().parents[2]
-
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.n_kv_heads=1",
-    "model.head_width=32",
-    "model.head_depth=1",
-    "model.head_heads=2",
-    "model.diffusion_batch_mul=2",
-    "global_batch_size=8",
-    "micro_batch_size=2",
-    "num_workers=2",
-    "cpus_per_worker=0.5",
-    "optim.lr=0.003",
-    "schedule.warmup_steps=1",
-    "log_every=1",
-    "mlflow.log_every=1",
-    "mlflow.system_metrics=false",
-    "eval.every_steps=0",
-    "checkpoint.every_minutes=0",
-]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from helpers import free_port, write_dataset
 
 
 @pytest.fixture(scope="session")
@@ -93,20 +60,3 @@ def mlflow_uri(mlflow_template, tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
-
-
-def train(tiny_data: str, storage: Path | str, name: str, *overrides: str):
-    """Run jobs/pretrain.py's library path with the tiny model."""
-    from bitlm.train import load_train_recipe, run
-
-    recipe = load_train_recipe(
-        None, [*TINY, f"data.path={tiny_data}", f"storage_path={storage}", *overrides], name
-    )
-    return run(recipe)
-
-
-def metric_history(uri: str, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
-    from mlflow.tracking import MlflowClient
-
-    hist = MlflowClient(uri).get_metric_history(run_id, key)
-    return sorted((m.step, m.value) for m in hist)

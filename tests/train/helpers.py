@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,55 @@ def write_dataset(
     }
     put("manifest.json", json.dumps(manifest, indent=1).encode())
     return root if "://" in root else str(Path(root).absolute())
+
+
+# Overrides of recipes/pretrain/cpu-tiny.yaml that make a Ray Train fit as small as it gets.
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.head_width=32",
+    "model.head_depth=1",
+    "model.head_heads=2",
+    "model.diffusion_batch_mul=2",
+    "global_batch_size=8",
+    "micro_batch_size=2",
+    "num_workers=2",
+    "cpus_per_worker=0.5",
+    "optim.lr=0.003",
+    "schedule.warmup_steps=1",
+    "log_every=1",
+    "mlflow.log_every=1",
+    "mlflow.system_metrics=false",
+    "eval.every_steps=0",
+    "checkpoint.every_minutes=0",
+]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def train(tiny_data: str, storage: Path | str, name: str, *overrides: str):
+    """Run jobs/pretrain.py's library path with the tiny model."""
+    from bitlm.train import load_train_recipe, run
+
+    recipe = load_train_recipe(
+        None, [*TINY, f"data.path={tiny_data}", f"storage_path={storage}", *overrides], name
+    )
+    return run(recipe)
+
+
+def metric_history(uri: str, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    hist = MlflowClient(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import metric_history, train
+from helpers import metric_history, train
 
 from bitlm.train import TrainingAborted
 from bitlm.train.export import load_checkpoint_model

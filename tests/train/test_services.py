@@ -18,8 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, metric_history, train
-from helpers import write_dataset
+from helpers import ROOT, free_port, metric_history, train, write_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import TINY
-from helpers import write_dataset
+from helpers import TINY, write_dataset
 
 from bitlm.train.config import load_train_recipe
 from bitlm.train.worker import FATAL_FILE, LocalSession, train_worker
