@@ -41,8 +41,9 @@ if not torch.cuda.is_available():  # kernels on CPU tensors run only in Triton's
 
 from bitlm import BitLM, ModelConfig  # noqa: E402
 from bitlm.backbone import KVCache  # noqa: E402
+from bitlm.codec import words_to_bits  # noqa: E402
 from bitlm.diffusion import diffusion_loss  # noqa: E402
-from bitlm.head import DiffusionHead, _bits, modulate  # noqa: E402
+from bitlm.head import DiffusionHead, modulate  # noqa: E402
 from bitlm.kernels.mlp import adaln_mlp  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -142,7 +143,7 @@ def reference_step_fn(head: DiffusionHead) -> Callable:
     """The eager reference step as one function (what torch.compile gets)."""
 
     def step(words, t, eps, h):
-        x0 = _bits(words, eps.shape[-1], eps.dtype)
+        x0 = words_to_bits(words, eps.shape[-1], eps.dtype)
         x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
         x0_hat = head.reference_forward(x_t, t, h)
         return diffusion_loss(x0_hat, x0, x_t, t, head.cfg.loss)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["BitCodec", "CodeTable", "num_bits_for"]
+__all__ = ["BitCodec", "CodeTable", "num_bits_for", "words_to_bits"]
 
 
 def num_bits_for(vocab_size: int) -> int:
@@ -86,6 +86,12 @@ class CodeTable:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
+def words_to_bits(words: torch.Tensor, num_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Integer codes [...] -> +1/-1 bits [..., num_bits], most significant first."""
+    shifts = torch.arange(num_bits - 1, -1, -1, device=words.device)
+    return ((words.long().unsqueeze(-1) >> shifts) & 1).to(dtype) * 2 - 1
+
+
 class BitCodec:
     """Maps ids to +1/-1 bit codes and back; see the module docstring."""
 
@@ -143,8 +149,7 @@ class BitCodec:
         self, words: torch.Tensor, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """Integer codes [...] -> +1/-1 bits [..., B], most significant first."""
-        bits = (words.long().unsqueeze(-1) >> self._shifts.to(words.device)) & 1
-        return bits.to(dtype) * 2 - 1
+        return words_to_bits(words, self.num_bits, dtype)
 
     def bits_to_words(self, bits: torch.Tensor) -> torch.Tensor:
         """Hard bits [..., B] (sign taken, 0 counts as +1) -> integer codes (may be >= V)."""

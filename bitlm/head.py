@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .codec import BitCodec
+from .codec import BitCodec, words_to_bits
 from .config import ModelConfig
 from .diffusion import diffusion_loss, euler_sample
 
@@ -166,7 +166,7 @@ class DiffusionHead(nn.Module):
             from .kernels.fused_head import fused_noise
 
             return fused_noise(words, t, eps)
-        x0 = _bits(words, eps.shape[-1], eps.dtype)
+        x0 = words_to_bits(words, eps.shape[-1], eps.dtype)
         return (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
 
     def loss(
@@ -177,7 +177,7 @@ class DiffusionHead(nn.Module):
             from .kernels.fused_head import fused_loss
 
             return fused_loss(self, x_t, t, h, words, x_sc)
-        x0 = _bits(words, x_t.shape[-1], x_t.dtype)
+        x0 = words_to_bits(words, x_t.shape[-1], x_t.dtype)
         return diffusion_loss(self.reference_forward(x_t, t, h, x_sc), x0, x_t, t, self.cfg.loss)
 
     # ---- decoding ----------------------------------------------------------------------------
@@ -238,12 +238,6 @@ class DiffusionHead(nn.Module):
             self_conditioning=self.cfg.self_conditioning,
         )
         return codec.repair(x), x
-
-
-def _bits(words: Tensor, num_bits: int, dtype: torch.dtype) -> Tensor:
-    """Integer codes [...] -> +1/-1 bits [..., num_bits] (MSB first), as BitCodec.words_to_bits."""
-    shifts = torch.arange(num_bits - 1, -1, -1, device=words.device)
-    return ((words.long().unsqueeze(-1) >> shifts) & 1).to(dtype) * 2 - 1
 
 
 class SoftmaxHead(nn.Module):

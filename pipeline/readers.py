@@ -54,32 +54,28 @@ def decompress(data: bytes, path: str) -> tuple[bytes, bool]:
     cut short keeps what was decoded before the cut."""
     name = path.lower()
     if name.endswith(".gz"):
-        out: list[bytes] = []
-        rest = data
-        while rest:
-            d = zlib.decompressobj(31)
-            try:
-                out.append(d.decompress(rest))
-            except zlib.error:
-                return b"".join(out), True
-            if not d.eof:
-                return b"".join(out), True
-            rest = d.unused_data
-        return b"".join(out), False
+        return _read_frames(data, lambda: zlib.decompressobj(31), zlib.error)
     if name.endswith((".zst", ".zstd")):
-        out = []
-        rest = data
-        while rest:
-            d = zstandard.ZstdDecompressor().decompressobj()
-            try:
-                out.append(d.decompress(rest))
-            except zstandard.ZstdError:
-                return b"".join(out), True
-            if not d.eof:
-                return b"".join(out), True
-            rest = d.unused_data
-        return b"".join(out), False
+        return _read_frames(
+            data, lambda: zstandard.ZstdDecompressor().decompressobj(), zstandard.ZstdError
+        )
     return data, False
+
+
+def _read_frames(data: bytes, new, error: type[Exception]) -> tuple[bytes, bool]:
+    """Decompress concatenated members/frames to the end; (payload so far, truncated)."""
+    out: list[bytes] = []
+    rest = data
+    while rest:
+        d = new()
+        try:
+            out.append(d.decompress(rest))
+        except error:
+            return b"".join(out), True
+        if not d.eof:
+            return b"".join(out), True
+        rest = d.unused_data
+    return b"".join(out), False
 
 
 def _lines(payload: bytes, truncated: bool) -> tuple[list[bytes], bool]:
