@@ -30,9 +30,10 @@ class InputSpec:
 
     path: str
     glob: str = "**/*"  # pattern under ``path`` when it is a folder/prefix
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns on the path under it
     # auto: by extension (.jsonl/.json -> jsonl, .parquet -> parquet, anything else -> text);
     # .gz/.zst are stripped first and decompressed transparently.
-    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    format: Literal["auto", "text", "jsonl", "parquet", "python_prose"] = "auto"
     text_unit: Literal["file", "line"] = "file"  # text files: one document per file or per line
     text_field: str = "text"  # jsonl key / parquet column
 

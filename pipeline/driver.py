@@ -15,6 +15,7 @@ Order of a run (each step resumable; the manifest is the commit point, written l
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -91,8 +92,11 @@ def _canon(obj: Any) -> bytes:
 def _list_inputs(storage: Storage, cfg: PreprocessConfig) -> list[tuple[InputFile, InputSpec]]:
     chosen: dict[str, tuple[InputFile, InputSpec]] = {}
     for spec in cfg.inputs:
-        for f in storage.list_files(expand_path(spec.path), spec.glob):
-            chosen.setdefault(f.path, (f, spec))
+        root = expand_path(spec.path).rstrip("/")
+        for f in storage.list_files(root, spec.glob):
+            rel = f.path.removeprefix(root.removeprefix("s3://")).lstrip("/")
+            if not any(fnmatch.fnmatchcase(rel, pat) for pat in spec.exclude):
+                chosen.setdefault(f.path, (f, spec))
     files = [chosen[p] for p in sorted(chosen)]
     if cfg.max_files is not None:
         files = files[: cfg.max_files]

@@ -4,12 +4,20 @@ A batch is a dict of equal-length lists (see ``pipeline.steps``). The reader fil
 (position of the document in its file), ``raw`` (bytes still to decode) or ``text`` (already
 decoded, for JSON lines and Parquet), and ``reason`` when the document is already lost
 (``truncated``, ``malformed_json``, ``missing_field``, ``read_error``, ``empty``,
-``invalid_utf8``).
+``invalid_utf8``, ``parse_error``).
+
+Formats: plain text (a document per file or per line), JSON lines, Parquet, and ``python_prose``:
+the English prose of a Python source file (its docstrings and comments in line order, one
+document per file), which gives every machine an English corpus from the standard library.
 """
 
 from __future__ import annotations
 
+import ast
+import io
 import json
+import re
+import tokenize
 import zlib
 from typing import Any
 
@@ -17,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-__all__ = ["decompress", "detect_format", "new_batch", "read_documents"]
+__all__ = ["decompress", "detect_format", "new_batch", "python_prose", "read_documents"]
 
 Batch = dict[str, list[Any]]
 COLUMNS = ("index", "raw", "text", "reason")
@@ -32,6 +40,40 @@ def _add(b: Batch, raw: bytes | None, text: str | None, reason: str | None) -> N
     b["raw"].append(raw)
     b["text"].append(text)
     b["reason"].append(reason)
+
+
+def python_prose(source: str) -> str:
+    """Docstrings and comments of Python source, in line order, as paragraphs. Comment runs on
+    consecutive lines form one paragraph; pragma-like and symbol-only comments are skipped.
+    Raises SyntaxError/ValueError/tokenize.TokenError on source that does not parse."""
+    tree = ast.parse(source)
+    parts: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and node.body:
+                parts.append((node.body[0].lineno, doc.strip()))
+    run: list[str] = []
+    run_line = last = -2
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT:
+            continue
+        text = tok.string.lstrip("#").strip()
+        line = tok.start[0]
+        skip = not re.search(r"[A-Za-z]{2}", text) or _PRAGMA.match(text)
+        if skip or line != last + 1:
+            if run:
+                parts.append((run_line, " ".join(run)))
+            run, run_line = [], line
+        if not skip:
+            run.append(text)
+        last = line
+    if run:
+        parts.append((run_line, " ".join(run)))
+    return "\n\n".join(text for _, text in sorted(parts, key=lambda p: p[0]))
+
+
+_PRAGMA = re.compile(r"^(!|-\*-|(type|noqa|pragma|fmt|pylint|isort|mypy)\b|coding[:=])", re.I)
 
 
 def detect_format(path: str, fmt: str) -> str:
@@ -119,6 +161,22 @@ def read_documents(data: bytes, path: str, fmt: str, text_unit: str, text_field:
             return b
         for v in col.to_pylist():
             _add(b, None, v, None if v is not None else "missing_field")
+        return b
+    if kind == "python_prose":
+        if truncated:
+            _add(b, None, None, "truncated")
+            return b
+        try:
+            source = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            _add(b, None, None, "invalid_utf8")
+            return b
+        try:
+            prose = python_prose(source)
+        except (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError):
+            _add(b, None, None, "parse_error")
+            return b
+        _add(b, None, prose or None, None if prose else "empty")
         return b
     if kind == "text" and text_unit == "file":
         _add(b, None if truncated else payload, None, "truncated" if truncated else None)

@@ -53,6 +53,7 @@ REASONS = (
     "missing_field",
     "binary",
     "invalid_utf8",
+    "parse_error",
     "empty",
     "too_short",
     "too_long",

@@ -164,3 +164,55 @@ def test_tokenise_keeps_special_token_text() -> None:
     Tokenise(tok)(b)
     assert 0 not in b["ids"][0].tolist()
     assert tok.decode(b["ids"][0].tolist()) == "say <|eod|> now é"
+
+
+def test_python_prose_reader() -> None:
+    src = b'''#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+"""Module docstring: the first paragraph."""
+# A comment run that goes on
+# over two lines.
+import os  # noqa: F401
+
+# ------------------------------
+
+
+class A:
+    """Class docstring."""
+
+    def f(self):
+        """Method docstring."""
+        return 1  # type: ignore
+'''
+    b = read_documents(src, "m.py", "python_prose", "file", "text")
+    assert b["reason"] == [None]
+    paras = b["text"][0].split("\n\n")
+    assert paras == [
+        "Module docstring: the first paragraph.",
+        "A comment run that goes on over two lines.",
+        "Class docstring.",
+        "Method docstring.",
+    ]
+    # Source that does not parse, bytes that are not UTF-8, and a file with no prose.
+    reasons = [
+        read_documents(data, "m.py", "python_prose", "file", "text")["reason"]
+        for data in (b"def f(:\n", b"\xff\xfe = 1\n", b"x = 1\n")
+    ]
+    assert reasons == [["parse_error"], ["invalid_utf8"], ["empty"]]
+
+
+def test_input_exclude_patterns(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.driver import _list_inputs, storage_for
+
+    for rel in ("a.py", "site-packages/b.py", "pkg/c.py", "pkg/site-packages/d.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: t\noutput: {tmp_path / 'out'}\ninputs:\n  - path: {tmp_path}\n    glob: '**/*.py'\n"
+        "    exclude: ['site-packages/*', '*/site-packages/*']\n"
+    )
+    cfg = load_config(recipe)
+    files = [f.path for f, _ in _list_inputs(storage_for(str(tmp_path)), cfg)]
+    assert files == [str(tmp_path / "a.py"), str(tmp_path / "pkg/c.py")]
