@@ -2,9 +2,31 @@
 
 A batch is a dict of equal-length lists (see ``pipeline.steps``). The reader fills ``index``
 (position of the document in its file), ``raw`` (bytes still to decode) or ``text`` (already
-decoded, for JSON lines and Parquet), and ``reason`` when the document is already lost
-(``truncated``, ``malformed_json``, ``missing_field``, ``read_error``, ``empty``,
-``invalid_utf8``, ``parse_error``).
+decoded, for JSON lines, Parquet and Python prose), and ``reason`` when the document is already
+lost. Reader reasons (docs/preprocessing.md has the table):
+
+- file level, one entry for the file (or for the rest of it): ``read_error`` (not a gzip/zstd/
+  Parquet stream at all, or a Parquet row group that does not decode: one entry per row group),
+  ``truncated`` (a compressed stream cut short: the complete lines before the cut are kept),
+  ``file_too_large`` (more than ``max_file_bytes`` decompressed bytes: decompression stops at the
+  cap, the complete lines before it are kept), ``empty`` (an empty file);
+- document level: ``doc_too_large`` (more than ``max_doc_bytes``, dropped before decoding),
+  ``malformed_json``, ``json_too_deep`` (nesting past Python's recursion limit),
+  ``missing_field`` (no such key or column, null, or a JSON line that is not an object),
+  ``wrong_type`` (the field is a number, list, object or boolean; a Parquet column that is not
+  a string column), ``invalid_utf8``, ``parse_error`` (python_prose source that does not parse),
+  ``empty`` (a blank JSON line, a Python file without prose).
+
+Any other exception while reading a file (a library error nobody anticipated) ends the file with
+one ``read_error`` entry after the documents already read; only a failure of the storage itself
+(``InputUnreadable``: the bytes could not be fetched) leaves ``read_documents``, because that is
+not a property of the file's content and the caller retries the file on a later run.
+
+Memory: compressed input is read in blocks and decompressed in pieces sized so that one piece can
+never expand past the remaining cap (zlib at most ~1032:1, zstd at most 32768:1 per block), so a
+compression bomb costs at most ``max_file_bytes`` (+32 MiB), not its decompressed size; plain
+Parquet is read row group by row group from the open file. The decompressed payload of one file
+(at most ``max_file_bytes``) is held in memory while its documents are split.
 
 Formats: plain text (a document per file or per line), JSON lines, Parquet, and ``python_prose``:
 the English prose of a Python source file (its docstrings and comments in line order, one
@@ -19,16 +41,53 @@ import json
 import re
 import tokenize
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zstandard
 
-__all__ = ["decompress", "detect_format", "new_batch", "python_prose", "read_documents"]
+__all__ = [
+    "DEFAULT_MAX_DOC_BYTES",
+    "DEFAULT_MAX_FILE_BYTES",
+    "READER_REASONS",
+    "InputUnreadable",
+    "decompress",
+    "detect_format",
+    "new_batch",
+    "python_prose",
+    "read_documents",
+]
 
 Batch = dict[str, list[Any]]
 COLUMNS = ("index", "raw", "text", "reason")
+
+DEFAULT_MAX_FILE_BYTES = 1 << 30  # decompressed bytes per input file
+DEFAULT_MAX_DOC_BYTES = 64 << 20  # bytes per document, before decoding
+
+READER_REASONS = (
+    "read_error",
+    "truncated",
+    "file_too_large",
+    "doc_too_large",
+    "malformed_json",
+    "json_too_deep",
+    "missing_field",
+    "wrong_type",
+    "invalid_utf8",
+    "parse_error",
+    "empty",
+)
+
+_FATAL = (KeyboardInterrupt, SystemExit)
+_BLOCK = 1 << 20  # compressed bytes read from the input at a time
+_MIN_FEED = 1 << 10
+
+
+class InputUnreadable(OSError):
+    """The storage failed while the input's bytes were being fetched (not a content problem)."""
 
 
 def new_batch() -> Batch:
@@ -45,7 +104,8 @@ def _add(b: Batch, raw: bytes | None, text: str | None, reason: str | None) -> N
 def python_prose(source: str) -> str:
     """Docstrings and comments of Python source, in line order, as paragraphs. Comment runs on
     consecutive lines form one paragraph; pragma-like and symbol-only comments are skipped.
-    Raises SyntaxError/ValueError/tokenize.TokenError on source that does not parse."""
+    Raises (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError...) on
+    source that does not parse; ``read_documents`` turns any of them into ``parse_error``."""
     tree = ast.parse(source)
     parts: list[tuple[int, str]] = []
     for node in ast.walk(tree):
@@ -77,13 +137,10 @@ _PRAGMA = re.compile(r"^(!|-\*-|(type|noqa|pragma|fmt|pylint|isort|mypy)\b|codin
 
 
 def detect_format(path: str, fmt: str) -> str:
-    """'text', 'jsonl' or 'parquet' for a file name (after stripping .gz/.zst)."""
+    """'text', 'jsonl', 'parquet' (or the given format) for a file name (after .gz/.zst)."""
     if fmt != "auto":
         return fmt
-    name = path.lower()
-    for ext in (".gz", ".zst", ".zstd"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
+    name = _strip_compression(path.lower())
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
     if name.endswith(".parquet"):
@@ -91,118 +148,339 @@ def detect_format(path: str, fmt: str) -> str:
     return "text"
 
 
-def decompress(data: bytes, path: str) -> tuple[bytes, bool]:
-    """(payload, truncated). Multi-member .gz and multi-frame .zst are read to the end; a stream
-    cut short keeps what was decoded before the cut."""
+def _strip_compression(name: str) -> str:
+    for ext in (".gz", ".zst", ".zstd"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _codec_of(path: str) -> str | None:
     name = path.lower()
     if name.endswith(".gz"):
-        return _read_frames(data, lambda: zlib.decompressobj(31), zlib.error)
+        return "gz"
     if name.endswith((".zst", ".zstd")):
-        return _read_frames(
-            data, lambda: zstandard.ZstdDecompressor().decompressobj(), zstandard.ZstdError
-        )
-    return data, False
+        return "zst"
+    return None
 
 
-def _read_frames(data: bytes, new, error: type[Exception]) -> tuple[bytes, bool]:
-    """Decompress concatenated members/frames to the end; (payload so far, truncated)."""
-    out: list[bytes] = []
-    rest = data
-    while rest:
-        d = new()
+# ---- input ---------------------------------------------------------------------------------------
+class _Source:
+    """A binary file object whose read/seek failures become ``InputUnreadable`` (and are
+    remembered, so that an error pyarrow wrapped can still be told apart from bad content)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.failed: BaseException | None = None
+
+    def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
-            out.append(d.decompress(rest))
-        except error:
-            return b"".join(out), True
-        if not d.eof:
-            return b"".join(out), True
-        rest = d.unused_data
-    return b"".join(out), False
+            return fn(*args)
+        except BaseException as e:
+            if isinstance(e, _FATAL):
+                raise
+            self.failed = e
+            raise InputUnreadable(f"{type(e).__name__}: {e}") from None
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes, fewer only at the end of the input: file objects of network
+        storage may return short reads, which pyarrow would take for a broken file."""
+        first = self._guard(self.f.read, n)
+        if n is None or n < 0 or len(first) == n or not first:
+            return first
+        parts, got = [first], len(first)
+        while got < n:
+            more = self._guard(self.f.read, n - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._guard(self.f.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self._guard(self.f.tell)
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+    def unreadable(self) -> InputUnreadable | None:
+        if self.failed is None:
+            return None
+        return InputUnreadable(f"{type(self.failed).__name__}: {self.failed}")
 
 
-def _lines(payload: bytes, truncated: bool) -> tuple[list[bytes], bool]:
-    """Split into lines; returns (complete lines, whether a cut-off last line was dropped)."""
+def _source(data: bytes | BinaryIO) -> _Source:
+    if isinstance(data, _Source):
+        return data
+    return _Source(io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data)
+
+
+def decompress(
+    data: bytes | BinaryIO, path: str, max_bytes: int | None = None
+) -> tuple[bytes, str | None]:
+    """(payload, status) of a file; ``.gz`` (multi-member) and ``.zst`` (multi-frame) are
+    decompressed to the end. status: None (complete), ``truncated`` (the stream stops or breaks
+    after some output: the payload is what was decoded before), ``read_error`` (not such a
+    stream: nothing decoded), ``file_too_large`` (the payload reached ``max_bytes``: it is cut
+    there and the rest of the input is never decompressed). Raises only ``InputUnreadable``."""
+    cap = max_bytes if max_bytes is not None and max_bytes >= 0 else None
+    src = _source(data)
+    codec = _codec_of(path)
+    if codec == "gz":
+        return _inflate(src, lambda: zlib.decompressobj(31), 1032, cap)
+    if codec == "zst":
+        return _inflate(src, lambda: zstandard.ZstdDecompressor().decompressobj(), 1 << 15, cap)
+    if cap is None:
+        return src.read(), None
+    payload = src.read(cap)
+    if len(payload) == cap and src.read(1):
+        return payload, "file_too_large"
+    return payload, None
+
+
+def _inflate(
+    src: _Source, new: Callable[[], Any], max_ratio: int, cap: int | None
+) -> tuple[bytes, str | None]:
+    """Members/frames to the end. Each call gets at most ``remaining cap / max_ratio`` input
+    bytes (>= 1 KiB), so one call can never expand far past the cap."""
+    out = io.BytesIO()
+    total = 0
+    d = None
+    block, pos = b"", 0
+    while True:
+        if pos >= len(block):
+            block, pos = src.read(_BLOCK), 0
+            if not block:
+                return out.getvalue(), (None if d is None else "truncated")
+        if d is None:
+            d = new()
+        room = _BLOCK if cap is None else max(_MIN_FEED, min(_BLOCK, (cap - total) // max_ratio))
+        piece = block[pos : pos + room]
+        pos += len(piece)
+        try:
+            o = d.decompress(piece)
+        except BaseException as e:
+            if isinstance(e, _FATAL):
+                raise
+            return out.getvalue(), ("truncated" if total else "read_error")
+        if cap is not None and total + len(o) > cap:
+            out.write(o[: cap - total])
+            return out.getvalue(), "file_too_large"
+        out.write(o)
+        total += len(o)
+        if d.eof:
+            rest = d.unused_data
+            d = None
+            if rest:
+                block, pos = rest + block[pos:], 0
+
+
+def _lines(payload: bytes, cut: bool) -> list[bytes]:
+    """Lines of the payload; when ``cut`` the text after the last newline (a line cut short) is
+    not a document."""
     parts = payload.split(b"\n")
     last = parts.pop()  # text after the final newline ("" when the file ends with one)
-    if truncated:
-        return parts, True
-    if last:
+    if last and not cut:
         parts.append(last)
-    return parts, False
+    return parts
 
 
-def read_documents(data: bytes, path: str, fmt: str, text_unit: str, text_field: str) -> Batch:
-    """Raw documents of one file (see the module docstring)."""
-    b = new_batch()
+# ---- documents -----------------------------------------------------------------------------------
+def _json_text(line: bytes, text_field: str) -> tuple[str | None, str | None]:
+    """(text, reason) of one JSON line."""
     try:
-        payload, truncated = decompress(data, path)
+        s = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "invalid_utf8"
+    try:
+        obj = json.loads(s)
+    except RecursionError:
+        return None, "json_too_deep"
+    except MemoryError:
+        return None, "doc_too_large"
+    except Exception:  # JSONDecodeError, int digits limit (ValueError), anything else
+        return None, "malformed_json"
+    if not isinstance(obj, dict) or obj.get(text_field) is None:
+        return None, "missing_field"
+    v = obj[text_field]
+    if not isinstance(v, str):
+        return None, "wrong_type"
+    return v, None
+
+
+_STRING = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+
+
+def _is_text_type(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return any(f(t) for f in _STRING)
+
+
+def _read_parquet(
+    b: Batch, source: Any, text_field: str, max_file_bytes: int | None, max_doc_bytes: int | None
+) -> None:
+    """Row group by row group: a row group that fails to decode is one ``read_error``; the
+    text column's declared uncompressed sizes count towards ``max_file_bytes``."""
+
+    def unreadable() -> None:  # pyarrow may wrap the storage's error in its own
+        failed = source.unreadable() if isinstance(source, _Source) else None
+        if failed is not None:
+            raise failed
+
+    try:
+        pf = pq.ParquetFile(source)
+        schema = pf.schema_arrow
+        meta = pf.metadata
+    except InputUnreadable:
+        raise
     except Exception:
+        unreadable()
         _add(b, None, None, "read_error")
-        return b
-    if not payload and not truncated:
-        _add(b, None, None, "empty")
-        return b
-    kind = detect_format(path, fmt)
-    if kind == "parquet":
-        if truncated:
-            _add(b, None, None, "truncated")
-            return b
+        return
+    if text_field not in schema.names:
+        _add(b, None, None, "missing_field")
+        return
+    if not _is_text_type(schema.field(text_field).type):
+        _add(b, None, None, "wrong_type")
+        return
+    total = 0
+    for g in range(meta.num_row_groups):
         try:
-            table = pq.read_table(pa.BufferReader(payload))
+            rg = meta.row_group(g)
+            size = sum(
+                rg.column(j).total_uncompressed_size
+                for j in range(rg.num_columns)
+                if rg.column(j).path_in_schema == text_field
+            )
+            if max_file_bytes is not None and total + size > max_file_bytes:
+                _add(b, None, None, "file_too_large")
+                return
+            total += size
+            col = pf.read_row_group(g, columns=[text_field]).column(0)
+            if pa.types.is_dictionary(col.type):
+                col = col.cast(col.type.value_type)
+            lengths = pc.binary_length(col).to_pylist()
+            values = col.to_pylist()
+        except InputUnreadable:
+            raise
         except Exception:
+            unreadable()
             _add(b, None, None, "read_error")
-            return b
-        if text_field not in table.column_names:
-            _add(b, None, None, "missing_field")
-            return b
-        col = table.column(text_field)
-        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-            _add(b, None, None, "missing_field")
-            return b
-        for v in col.to_pylist():
-            _add(b, None, v, None if v is not None else "missing_field")
-        return b
+            continue
+        for v, n in zip(values, lengths, strict=True):
+            if v is None:
+                _add(b, None, None, "missing_field")
+            elif max_doc_bytes is not None and n > max_doc_bytes:
+                _add(b, None, None, "doc_too_large")
+            else:
+                _add(b, None, v, None)
+
+
+def read_documents(
+    data: bytes | BinaryIO,
+    path: str,
+    fmt: str,
+    text_unit: str,
+    text_field: str,
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+    max_doc_bytes: int | None = DEFAULT_MAX_DOC_BYTES,
+) -> Batch:
+    """Raw documents of one file (bytes, or an open binary file), see the module docstring.
+    Never raises on content; raises ``InputUnreadable`` when the storage fails under it."""
+    b = new_batch()
+    src = _source(data)
+    try:
+        _read_into(b, src, path, fmt, text_unit, text_field, max_file_bytes, max_doc_bytes)
+    except InputUnreadable:
+        raise
+    except BaseException as e:
+        if isinstance(e, _FATAL):
+            raise
+        failed = src.unreadable()
+        if failed is not None:
+            raise failed from None
+        _add(b, None, None, "read_error")
+    return b
+
+
+def _read_into(
+    b: Batch,
+    src: _Source,
+    path: str,
+    fmt: str,
+    text_unit: str,
+    text_field: str,
+    max_file_bytes: int | None,
+    max_doc_bytes: int | None,
+) -> None:
+    kind = detect_format(path, fmt)
+    if kind == "parquet" and _codec_of(path) is None:
+        f = src.f
+        source = pa.BufferReader(f.getbuffer()) if type(f) is io.BytesIO else src
+        _read_parquet(b, source, text_field, max_file_bytes, max_doc_bytes)
+        return
+    payload, status = decompress(src, path, max_file_bytes)
+    if status == "read_error":
+        _add(b, None, None, "read_error")
+        return
+    if not payload and status is None:
+        _add(b, None, None, "empty")
+        return
+    too_big = max_doc_bytes is not None and len(payload) > max_doc_bytes
+    if kind == "parquet":
+        if status is not None:
+            _add(b, None, None, status)
+            return
+        _read_parquet(b, pa.BufferReader(payload), text_field, max_file_bytes, max_doc_bytes)
+        return
     if kind == "python_prose":
-        if truncated:
-            _add(b, None, None, "truncated")
-            return b
+        if status is not None or too_big:
+            _add(b, None, None, status or "doc_too_large")
+            return
         try:
             source = payload.decode("utf-8")
         except UnicodeDecodeError:
             _add(b, None, None, "invalid_utf8")
-            return b
+            return
         try:
             prose = python_prose(source)
-        except (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError):
+        except BaseException as e:
+            if isinstance(e, _FATAL):
+                raise
             _add(b, None, None, "parse_error")
-            return b
+            return
         _add(b, None, prose or None, None if prose else "empty")
-        return b
+        return
     if kind == "text" and text_unit == "file":
-        _add(b, None if truncated else payload, None, "truncated" if truncated else None)
-        return b
-    lines, cut = _lines(payload, truncated)
-    if kind == "text":
-        for line in lines:
+        if status is not None or too_big:
+            _add(b, None, None, status or "doc_too_large")
+        else:
+            _add(b, payload, None, None)
+        return
+    json_lines = kind != "text"
+    for line in _lines(payload, status is not None):
+        if max_doc_bytes is not None and len(line) > max_doc_bytes:
+            _add(b, None, None, "doc_too_large")
+        elif not json_lines:
             _add(b, line, None, None)
-    else:
-        for line in lines:
-            if not line.strip():
-                _add(b, None, None, "empty")
-                continue
-            try:
-                s = line.decode("utf-8")
-            except UnicodeDecodeError:
-                _add(b, None, None, "invalid_utf8")
-                continue
-            try:
-                obj = json.loads(s)
-            except ValueError:
-                _add(b, None, None, "malformed_json")
-                continue
-            v = obj.get(text_field) if isinstance(obj, dict) else None
-            ok = isinstance(v, str)
-            _add(b, None, v if ok else None, None if ok else "missing_field")
-    if cut:
-        _add(b, None, None, "truncated")
-    return b
+        elif not line.strip():
+            _add(b, None, None, "empty")
+        else:
+            text, reason = _json_text(line, text_field)
+            _add(b, None, text, reason)
+    if status is not None:
+        _add(b, None, None, status)

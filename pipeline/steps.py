@@ -4,6 +4,12 @@ A batch is a dict of equal-length lists, one entry per document, in file order. 
 while a document is alive; the step that drops it writes the reason and counts it. Steps never
 remove entries, so document positions (``index``) stay stable for dedup, rejects and verify.
 Nothing here imports Ray; the driver composes the steps inside Ray Data tasks.
+
+No step raises on its input: each document is handled on its own, and any exception on one
+document (a bug, a library error, a value of an unexpected type) drops that document as
+``<step>_error`` (e.g. ``tokenise_error``), counted like every other reason. Text that cannot be
+encoded back to UTF-8 (lone surrogates, e.g. from a JSON ``"\\ud800"`` escape or a docstring)
+is dropped by ``Normalise`` as ``invalid_unicode``.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+
+from pipeline.readers import READER_REASONS
 
 __all__ = [
     "REASONS",
@@ -27,6 +35,7 @@ __all__ = [
     "Filter",
     "HashDocs",
     "LengthFilter",
+    "MarkDropped",
     "MarkDuplicates",
     "Normalise",
     "Packer",
@@ -45,19 +54,30 @@ __all__ = [
 
 Batch = dict[str, list[Any]]
 
-# Every reason a document can be dropped for, in the order the steps apply them.
-REASONS = (
-    "read_error",
-    "truncated",
-    "malformed_json",
-    "missing_field",
+# Every reason a document can be dropped for: the readers' (pipeline.readers), then the steps' in
+# the order they apply, then ``<step>_error`` for a step that failed on a document.
+STEP_NAMES = (
+    "decode",
+    "normalise",
     "binary",
-    "invalid_utf8",
-    "parse_error",
-    "empty",
+    "length",
+    "hash",
+    "dedup",
+    "split",
+    "tokenise",
+    "encode",
+)
+REASONS = (
+    *READER_REASONS,
+    "binary",
+    "invalid_unicode",
     "too_short",
     "too_long",
+    "duplicate",
+    *(f"{n}_error" for n in STEP_NAMES),
 )
+_FATAL = (KeyboardInterrupt, SystemExit)
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 _CONTROL_BYTES = bytes([*range(0, 9), *range(14, 32), 127])
 _CONTROL_TABLE = bytes.maketrans(b"", b"")
@@ -97,21 +117,50 @@ def doc_hash(text: str) -> bytes:
 
 
 class Step:
-    """A batch -> batch function with counters. Subclasses implement ``apply``."""
+    """A batch -> batch function with counters. Subclasses implement ``one`` (a document) or
+    ``apply`` (a batch, guarding each document with ``each``)."""
 
     name = "step"
 
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
 
+    @property
+    def error_reason(self) -> str:
+        return f"{self.name}_error"
+
     def __call__(self, batch: Batch) -> Batch:
         self.counters["in"] += alive_count(batch)
-        out = self.apply(batch)
+        try:
+            out = self.apply(batch)
+        except BaseException as e:
+            if isinstance(e, _FATAL):
+                raise
+            out = batch  # a batch-level failure: every document still alive is lost to it
+            for i in alive(batch):
+                self.drop(batch, i, self.error_reason)
         self.counters["out"] += alive_count(out)
         return out
 
     def apply(self, batch: Batch) -> Batch:
+        return self.each(batch, self.one)
+
+    def one(self, batch: Batch, i: int) -> None:
         raise NotImplementedError
+
+    def each(
+        self, batch: Batch, fn: Callable[[Batch, int], None], docs: Iterable[int] | None = None
+    ) -> Batch:
+        """``fn(batch, i)`` for each alive document (or ``docs``); an exception drops that
+        document as ``<step>_error`` and the others go on."""
+        for i in alive(batch) if docs is None else docs:
+            try:
+                fn(batch, i)
+            except BaseException as e:
+                if isinstance(e, _FATAL):
+                    raise
+                self.drop(batch, i, self.error_reason)
+        return batch
 
     def drop(self, batch: Batch, i: int, reason: str) -> None:
         batch["reason"][i] = reason
@@ -141,36 +190,37 @@ class Decode(Step):
         super().__init__()
         self.max_control_fraction = max_control_fraction
 
-    def apply(self, batch: Batch) -> Batch:
-        raws, texts = batch["raw"], batch["text"]
-        for i in alive(batch):
-            raw = raws[i]
-            if raw is None:
-                continue
-            raws[i] = None
-            if is_binary(raw, self.max_control_fraction):
-                self.drop(batch, i, "binary")
-                continue
-            try:
-                texts[i] = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                self.drop(batch, i, "invalid_utf8")
-        return batch
+    def one(self, batch: Batch, i: int) -> None:
+        raw = batch["raw"][i]
+        if raw is None:
+            return
+        batch["raw"][i] = None
+        if is_binary(raw, self.max_control_fraction):
+            self.drop(batch, i, "binary")
+            return
+        try:
+            batch["text"][i] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.drop(batch, i, "invalid_utf8")
 
 
 class Normalise(Step):
-    """NFC, newlines, no control characters (``normalise_text``)."""
+    """NFC, newlines, no control characters (``normalise_text``); ``invalid_unicode`` for text
+    holding lone surrogates, which has no UTF-8 form (and would break hashing and tokenising)."""
 
     name = "normalise"
 
-    def apply(self, batch: Batch) -> Batch:
-        texts = batch["text"]
-        for i in alive(batch):
-            t = normalise_text(texts[i])
-            if t != texts[i]:
-                self.counters["changed"] += 1
-            texts[i] = t
-        return batch
+    def one(self, batch: Batch, i: int) -> None:
+        text = batch["text"][i]
+        if not isinstance(text, str):
+            raise TypeError(f"text is {type(text).__name__}, not str")
+        if not text.isascii() and _SURROGATE_RE.search(text):
+            self.drop(batch, i, "invalid_unicode")
+            return
+        t = normalise_text(text)
+        if t != text:
+            self.counters["changed"] += 1
+        batch["text"][i] = t
 
 
 class Filter(Step):
@@ -179,13 +229,10 @@ class Filter(Step):
     def reason(self, text: str) -> str | None:
         raise NotImplementedError
 
-    def apply(self, batch: Batch) -> Batch:
-        texts = batch["text"]
-        for i in alive(batch):
-            r = self.reason(texts[i])
-            if r is not None:
-                self.drop(batch, i, r)
-        return batch
+    def one(self, batch: Batch, i: int) -> None:
+        r = self.reason(batch["text"][i])
+        if r is not None:
+            self.drop(batch, i, r)
 
 
 class BinaryFilter(Filter):
@@ -226,10 +273,11 @@ class HashDocs(Step):
     name = "hash"
 
     def apply(self, batch: Batch) -> Batch:
-        hashes = batch.setdefault("hash", [None] * len(batch["reason"]))
-        for i in alive(batch):
-            hashes[i] = doc_hash(batch["text"][i])
-        return batch
+        batch.setdefault("hash", [None] * len(batch["reason"]))
+        return self.each(batch, self.one)
+
+    def one(self, batch: Batch, i: int) -> None:
+        batch["hash"][i] = doc_hash(batch["text"][i])
 
 
 class Dedup(Step):
@@ -242,30 +290,39 @@ class Dedup(Step):
         super().__init__()
         self.seen: set[bytes] = seen if seen is not None else set()
 
-    def apply(self, batch: Batch) -> Batch:
-        for i in alive(batch):
-            h = batch["hash"][i]
-            if h in self.seen:
-                self.drop(batch, i, "duplicate")
-            else:
-                self.seen.add(h)
-        return batch
+    def one(self, batch: Batch, i: int) -> None:
+        h = batch["hash"][i]
+        if not isinstance(h, bytes):
+            raise TypeError("no hash")
+        if h in self.seen:
+            self.drop(batch, i, "duplicate")
+        else:
+            self.seen.add(h)
 
 
-class MarkDuplicates(Step):
+class MarkDropped(Step):
+    """Drops the documents at ``positions`` (``index`` values) with ``reason``: decisions taken
+    elsewhere (the driver's global dedup, drops recorded in the manifest) replayed on a batch."""
+
+    name = "mark"
+
+    def __init__(self, positions: Iterable[int], reason: str) -> None:
+        super().__init__()
+        self.positions = set(positions)
+        self.reason = reason
+
+    def one(self, batch: Batch, i: int) -> None:
+        if batch["index"][i] in self.positions:
+            self.drop(batch, i, self.reason)
+
+
+class MarkDuplicates(MarkDropped):
     """Drops the documents at ``positions`` as ``duplicate`` (the driver resolved them globally)."""
 
     name = "dedup"
 
     def __init__(self, positions: Iterable[int]) -> None:
-        super().__init__()
-        self.positions = set(positions)
-
-    def apply(self, batch: Batch) -> Batch:
-        for i in alive(batch):
-            if batch["index"][i] in self.positions:
-                self.drop(batch, i, "duplicate")
-        return batch
+        super().__init__(positions, "duplicate")
 
 
 class SplitByHash(Step):
@@ -281,11 +338,13 @@ class SplitByHash(Step):
         return "val" if int.from_bytes(h[:8], "big") % 1_000_000 < self.threshold else "train"
 
     def apply(self, batch: Batch) -> Batch:
-        splits = batch.setdefault("split", [None] * len(batch["reason"]))
-        for i in alive(batch):
-            splits[i] = self.split_of(batch["hash"][i])
-            self.counters[splits[i]] += 1
-        return batch
+        batch.setdefault("split", [None] * len(batch["reason"]))
+        return self.each(batch, self.one)
+
+    def one(self, batch: Batch, i: int) -> None:
+        split = self.split_of(batch["hash"][i])
+        batch["split"][i] = split
+        self.counters[split] += 1
 
 
 class Tokenise(Step):
@@ -301,18 +360,33 @@ class Tokenise(Step):
         self.batch_docs = batch_docs
 
     def apply(self, batch: Batch) -> Batch:
-        ids = batch.setdefault("ids", [None] * len(batch["reason"]))
+        batch.setdefault("ids", [None] * len(batch["reason"]))
         live = alive(batch)
-        texts = batch["text"]
         for s in range(0, len(live), self.batch_docs):
             part = live[s : s + self.batch_docs]
-            encs = self.tokenizer.encode_batch_fast(
-                [texts[i] for i in part], add_special_tokens=False
-            )
-            for i, e in zip(part, encs, strict=True):
-                ids[i] = np.asarray(e.ids, dtype=np.int32)
-                self.counters["tokens"] += len(e.ids)
+            try:
+                encs = self._encode([batch["text"][i] for i in part])
+            except BaseException as e:
+                if isinstance(e, _FATAL):
+                    raise
+                self.each(batch, self.one, part)  # find the document(s) it failed on
+                continue
+            for i, ids in zip(part, encs, strict=True):
+                self._set(batch, i, ids)
         return batch
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        encs = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        if len(encs) != len(texts):
+            raise RuntimeError("tokenizer returned a different number of encodings")
+        return [e.ids for e in encs]
+
+    def _set(self, batch: Batch, i: int, ids: list[int]) -> None:
+        batch["ids"][i] = np.asarray(ids, dtype=np.int32)
+        self.counters["tokens"] += len(ids)
+
+    def one(self, batch: Batch, i: int) -> None:
+        self._set(batch, i, self._encode([batch["text"][i]])[0])
 
 
 class Encode(Step):
@@ -327,10 +401,16 @@ class Encode(Step):
         self.dtype = np.dtype(dtype)
 
     def apply(self, batch: Batch) -> Batch:
-        codes = batch.setdefault("codes", [None] * len(batch["reason"]))
-        for i in alive(batch):
-            codes[i] = self.code_of_id[batch["ids"][i]]
-        return batch
+        batch.setdefault("codes", [None] * len(batch["reason"]))
+        return self.each(batch, self.one)
+
+    def one(self, batch: Batch, i: int) -> None:
+        ids = np.asarray(batch["ids"][i])
+        if ids.dtype.kind not in "iu" or ids.ndim != 1:
+            raise TypeError(f"token ids of dtype {ids.dtype}, shape {ids.shape}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= len(self.code_of_id)):
+            raise IndexError("token id outside the code table")
+        batch["codes"][i] = self.code_of_id[ids]
 
 
 class Packer:

@@ -58,19 +58,19 @@ def test_jsonl_reasons() -> None:
 
 def test_gzip_truncated_keeps_complete_lines() -> None:
     data = gzip.compress(b"".join(b"line %d\n" % i for i in range(2000)))
-    out, truncated = decompress(data[: len(data) // 2], "x.gz")
-    assert truncated and out
+    out, status = decompress(data[: len(data) // 2], "x.gz")
+    assert status == "truncated" and out
     b = scan(data[: len(data) // 2], "x.txt.gz")
     assert b["reason"][-1] == "truncated"
     kept = [t for t, r in zip(b["text"], b["reason"], strict=True) if r is None]
     assert kept == [f"line {i}" for i in range(len(kept))] and len(kept) > 10
-    assert decompress(gzip.compress(b"a") + gzip.compress(b"b"), "x.gz") == (b"ab", False)
+    assert decompress(gzip.compress(b"a") + gzip.compress(b"b"), "x.gz") == (b"ab", None)
 
 
 def test_zstd_and_truncated_zstd() -> None:
     data = zstandard.ZstdCompressor().compress(b"x\ny\n" * 1000)
-    assert decompress(data, "a.zst") == (b"x\ny\n" * 1000, False)
-    assert decompress(data[:-5], "a.zst")[1]
+    assert decompress(data, "a.zst") == (b"x\ny\n" * 1000, None)
+    assert decompress(data[:-5], "a.zst")[1] == "truncated"
 
 
 def test_parquet_reader(tmp_path: Path) -> None:
