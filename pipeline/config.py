@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bitlm.recipe import RecipeError, load_recipe, to_dict
+from pipeline.readers import DEFAULT_MAX_DOC_BYTES, DEFAULT_MAX_FILE_BYTES
 
 __all__ = [
     "CONTENT_KEYS",
     "FilterConfig",
     "InputSpec",
+    "LimitsConfig",
     "PreprocessConfig",
     "RayConfig",
     "TokenizerConfig",
@@ -58,6 +60,22 @@ class FilterConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Memory guards against compression bombs and giant documents (not content: they can be
+    changed between runs of a dataset; each run records the limits it used)."""
+
+    # decompressed bytes read from one input file; decompression stops here and the rest of the
+    # file is one ``file_too_large`` drop (complete lines before the cap are kept)
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    # bytes of one document before decoding; a larger one is dropped as ``doc_too_large``
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_file_bytes < 1 or self.max_doc_bytes < 1:
+            raise RecipeError("limits.max_file_bytes and limits.max_doc_bytes must be >= 1")
+
+
+@dataclass
 class TokenizerConfig:
     """A given tokenizer.json (``path``), or a byte-level BPE trained on a sample (content)."""
 
@@ -93,6 +111,7 @@ class PreprocessConfig:
     max_files: int | None = None  # cap on input files (sorted order), e.g. for tiny recipes
     max_bytes: int | None = None  # cap on input bytes (sorted order; the file crossing it is kept)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     code_table: Literal["binary", "frequency"] = "frequency"
     seq_len: int = 256  # L, tokens per packed row

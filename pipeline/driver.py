@@ -10,6 +10,13 @@ Order of a run (each step resumable; the manifest is the commit point, written l
    sorted order); the first occurrence of a hash wins.
 6. encode pass (Ray Data): shards per unit, skipping units whose marker matches the plan.
 7. manifest (temp + rename / one PUT), then remove ``_work/``.
+
+No document and no file aborts a run: bad content is a counted drop (readers/steps), and a file
+that cannot be read (or changed under the run, or has a name that is not UTF-8) is *skipped*:
+left out of the manifest, so the next run tries it again, and named in the summary and in the
+run's record (``runs[-1].skipped``). A file skipped during the encode pass is taken out of the
+plan and dedup is resolved again without it, so the kept documents are exactly those a run
+without that file would keep (units whose plan changed are encoded again).
 """
 
 from __future__ import annotations
@@ -31,11 +38,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import CONTENT_KEYS, InputSpec, PreprocessConfig
-from pipeline.readers import read_documents
+from pipeline.readers import InputUnreadable
 from pipeline.steps import alive, run_steps, scan_steps
 from pipeline.storage import InputFile, Storage, StorageError, is_s3, s3_options_from_env
 from pipeline.tokenizer import build_code_table, eod_id_of, sample_order, train_bpe
-from pipeline.units import codeword_dtype, index_rows, run_task
+from pipeline.units import codeword_dtype, index_rows, read_input, run_task
 
 __all__ = ["FORMAT_VERSION", "PreprocessError", "read_manifest", "run_preprocess", "storage_for"]
 
@@ -49,6 +56,19 @@ class PreprocessError(RuntimeError):
 
 def _log(msg: str) -> None:
     print(f"[preprocess] {msg}", file=sys.stderr, flush=True)
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show(path: str) -> str:
+    """A path for a log line (a name that is not UTF-8 shows its bytes as escapes)."""
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _maybe_kill(point: str) -> None:
@@ -89,11 +109,13 @@ def _canon(obj: Any) -> bytes:
 
 
 # ---- inputs ------------------------------------------------------------------------------------
-def _list_inputs(storage: Storage, cfg: PreprocessConfig) -> list[tuple[InputFile, InputSpec]]:
+def _list_inputs(
+    storage: Storage, cfg: PreprocessConfig, problems: list[tuple[str, str]] | None = None
+) -> list[tuple[InputFile, InputSpec]]:
     chosen: dict[str, tuple[InputFile, InputSpec]] = {}
     for spec in cfg.inputs:
         root = expand_path(spec.path).rstrip("/")
-        for f in storage.list_files(root, spec.glob):
+        for f in storage.list_files(root, spec.glob, problems):
             rel = f.path.removeprefix(root.removeprefix("s3://")).lstrip("/")
             if not any(fnmatch.fnmatchcase(rel, pat) for pat in spec.exclude):
                 chosen.setdefault(f.path, (f, spec))
@@ -147,9 +169,10 @@ def _sample_texts(
     flt = cfg.filters
     for p in sample_order(list(by_path)):
         f = by_path[p]
-        batch = read_documents(
-            storage.read_bytes(p), p, f["format"], f["text_unit"], f["text_field"]
-        )
+        try:
+            batch = read_input(storage, f, asdict(cfg.limits))
+        except InputUnreadable:
+            continue  # the scan pass reports it
         batch = run_steps(scan_steps(flt.max_control_fraction, flt.min_chars, flt.max_chars), batch)
         for i in alive(batch):
             out.append(batch["text"][i])
@@ -322,6 +345,13 @@ class IndexReader:
         return self._cache[index_path].get(path, ([], [], []))
 
 
+def _unindexed(storage: Storage, root: str, new: list[dict[str, Any]]) -> list[str]:
+    """New files without a row in their unit's index: the scan could not read them (every file
+    that was read has at least one row, an empty one an ``empty`` row)."""
+    reader = IndexReader(storage, root)
+    return [f["path"] for f in new if not reader.rows(f["index"], f["path"])[0]]
+
+
 def _resolve(
     storage: Storage,
     root: str,
@@ -378,11 +408,19 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     root = _root(cfg.output)
     storage = storage_for(root, *(expand_path(i.path) for i in cfg.inputs))
     storage.check_writable_root(root)
-    files = _list_inputs(storage, cfg)
+    problems: list[tuple[str, str]] = []
+    files = _list_inputs(storage, cfg, problems)
     if not files:
         raise PreprocessError(
             "no input files matched: " + ", ".join(expand_path(i.path) for i in cfg.inputs)
         )
+    unlisted = {p: why for p, why in problems}
+    for f, _ in files:
+        if not _utf8(f.path):
+            unlisted[f.path] = "bad_name: not valid UTF-8 (rename the file)"
+    for p, why in sorted(unlisted.items()):
+        _log(f"WARNING: skipping {_show(p)} in this run ({why})")
+    files = [(f, s) for f, s in files if f.path not in unlisted]
     manifest = read_manifest(storage, root)
     if manifest is not None:
         _check_compatible(manifest, cfg, root)
@@ -401,6 +439,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
         "files_already_done": len(files) - len(new),
         "files_new": len(new),
         "files_changed_ignored": changed,
+        "files_skipped": unlisted,
     }
     if not new:
         _cleanup(storage, root)
@@ -437,10 +476,24 @@ def _run(
         timings[name] = round(now - tick, 3)
         tick = now
 
+    skipped: dict[str, str] = summary["files_skipped"]
+
+    def skip(path: str, why: str) -> None:
+        if path not in skipped:
+            skipped[path] = why
+            _log(f"WARNING: skipping {_show(path)} in this run ({why}); the next run retries it")
+
     codec = _ensure_codec(storage, root, cfg, manifest, new)
     lap("codec")
     _maybe_kill("after_codec")
-    common = {"root": root, "s3": storage.s3_options, "filters": asdict(cfg.filters)}
+    run_no = len((manifest or {}).get("runs", [])) + 1
+    limits = asdict(cfg.limits)
+    common = {
+        "root": root,
+        "s3": storage.s3_options,
+        "filters": asdict(cfg.filters),
+        "limits": limits,
+    }
     units = _plan_units(new, cfg.unit_bytes)
     unit_ids = [_key(*(f["path"] for f in u)) for u in units]
     _log(f"{len(new)} new input files in {len(units)} units")
@@ -448,64 +501,101 @@ def _run(
     done_index = set(storage.list_names(f"{root}/index"))
     scan_specs = []
     for uid, u in zip(unit_ids, units, strict=True):
-        index = f"index/{_key(*((f['path'], f['size'], f['mtime']) for f in u))}.parquet"
+        files_key = (f"{f['path']}\0{f['size']}\0{f['mtime']}" for f in u)
+        index = f"index/{_key(run_no, _canon(limits).decode(), *files_key)}.parquet"
         for f in u:
             f["index"] = index
         if index.split("/")[-1] not in done_index:
             spec = {"kind": "scan", "unit": uid, "index": index, "files": u, **common}
             scan_specs.append(spec)
-    _ray_map(cfg, scan_specs, "scan")
+    for r in _ray_map(cfg, scan_specs, "scan"):
+        for p, why in sorted(r.get("skipped", {}).items()):
+            skip(p, why)
+    for p in _unindexed(storage, root, new):
+        skip(p, "unreadable")
     lap("scan")
     _maybe_kill("after_scan")
 
     prior = (manifest or {}).get("inputs", [])
-    resolved = _resolve(storage, root, prior, new)
-    lap("dedup")
-
-    encode_specs, markers = [], {}
-    done_units = set(storage.list_names(f"{root}/_work/units"))
-    for uid, u in zip(unit_ids, units, strict=True):
-        files = [
-            {
-                **f,
-                "dups": resolved[f["path"]]["dups"],
-                "expect_kept": resolved[f["path"]]["kept"],
-            }
-            for f in u
+    markers: dict[str, dict[str, Any]] = {}
+    resumed = 0
+    dedup_seconds = 0.0
+    # Encode; a file skipped while encoding leaves the plan and dedup is resolved again without it
+    # (each round drops at least one file, so this ends; normally there is one round).
+    for round_no in range(len(new) + 1):
+        active = [f for f in new if f["path"] not in skipped]
+        t_dedup = time.perf_counter()
+        resolved = _resolve(storage, root, prior, active)
+        dedup_seconds += time.perf_counter() - t_dedup
+        plan_units = [
+            (uid, [f for f in u if f["path"] not in skipped])
+            for uid, u in zip(unit_ids, units, strict=True)
         ]
-        plan = _key(_canon({"files": files, "codec": codec, "content": cfg.content()}))
-        if f"{uid}.json" in done_units:
-            m = json.loads(storage.read_bytes(f"{root}/_work/units/{uid}.json"))
-            if m.get("plan") == plan:
-                markers[uid] = m
-                continue
-        encode_specs.append(
-            {
-                "kind": "encode",
-                "unit": uid,
-                "plan": plan,
-                "files": files,
-                "tokenizer_hash": codec["tokenizer_hash"],
-                "eod_id": codec["eod_id"],
-                "seq_len": cfg.seq_len,
-                "row_group_rows": cfg.row_group_rows,
-                "val_fraction": cfg.val_fraction,
-                "rejects": cfg.rejects,
-                **common,
-            }
-        )
-    if markers:
-        _log(f"{len(markers)} units already encoded by an interrupted run: skipped")
+        plan_units = [(uid, u) for uid, u in plan_units if u]
+        encode_specs: list[dict[str, Any]] = []
+        markers.clear()
+        done_units = set(storage.list_names(f"{root}/_work/units"))
+        for uid, u in plan_units:
+            files = [
+                {
+                    **f,
+                    "dups": resolved[f["path"]]["dups"],
+                    "expect_kept": resolved[f["path"]]["kept"],
+                }
+                for f in u
+            ]
+            plan = _key(
+                _canon({"files": files, "codec": codec, "content": cfg.content(), "limits": limits})
+            )
+            if f"{uid}.json" in done_units:
+                m = json.loads(storage.read_bytes(f"{root}/_work/units/{uid}.json"))
+                if m.get("plan") == plan:
+                    markers[uid] = m
+                    continue
+            encode_specs.append(
+                {
+                    "kind": "encode",
+                    "unit": uid,
+                    "plan": plan,
+                    "files": files,
+                    "tokenizer_hash": codec["tokenizer_hash"],
+                    "eod_id": codec["eod_id"],
+                    "seq_len": cfg.seq_len,
+                    "row_group_rows": cfg.row_group_rows,
+                    "val_fraction": cfg.val_fraction,
+                    "rejects": cfg.rejects,
+                    **common,
+                }
+            )
+        if round_no == 0:
+            resumed = len(markers)
+            if markers:
+                _log(f"{len(markers)} units already encoded by an interrupted run: skipped")
 
-    def got(r: dict[str, Any]) -> None:
-        markers[r["unit"]] = r
-        _maybe_kill("after_unit")
+        def got(r: dict[str, Any]) -> None:
+            markers[r["unit"]] = r
+            _maybe_kill("after_unit")
 
-    _ray_map(cfg, encode_specs, "encode", got)
+        _ray_map(cfg, encode_specs, "encode", got)
+        late_skips = {
+            p: why for uid, _ in plan_units for p, why in markers[uid].get("skipped", {}).items()
+        }
+        if not late_skips:
+            break
+        for p, why in sorted(late_skips.items()):
+            skip(p, why)
+    for uid in sorted(set(unit_ids) - {uid for uid, _ in plan_units}):
+        for split in ("train", "val"):  # a unit all of whose files were skipped while encoding
+            storage.remove_tree(f"{root}/shards/{split}/{uid}-00000.parquet")
+    unit_ids = [uid for uid, _ in plan_units]
+    timings["dedup"] = round(dedup_seconds, 3)
     lap("encode")
+    timings["encode"] = round(timings["encode"] - timings["dedup"], 3)
     _maybe_kill("before_manifest")
 
-    new_manifest = _build_manifest(cfg, manifest, codec, new, resolved, unit_ids, markers)
+    new_manifest = _build_manifest(
+        cfg, manifest, codec, active, resolved, unit_ids, markers, skipped
+    )
     body = json.dumps(new_manifest, indent=1, sort_keys=True).encode() + b"\n"
     storage.write_atomic(f"{root}/manifest.json", body)
     _maybe_kill("after_manifest")
@@ -523,13 +613,14 @@ def _run(
     summary.update(
         work_done=True,
         units=len(units),
-        units_resumed=len(unit_ids) - len(encode_specs),
+        units_resumed=resumed,
         seconds=secs,
         timings=timings,
         input_bytes=in_bytes,
         mb_per_s=in_bytes / 1e6 / secs,
         tokens_per_s=run["tokens"] / secs,
         run=run,
+        dropped=run["dropped"],
         stages=counters,
         totals=new_manifest["counts"],
     )
@@ -546,46 +637,64 @@ def _build_manifest(
     resolved: dict[str, dict[str, Any]],
     unit_ids: list[str],
     markers: dict[str, dict[str, Any]],
+    skipped: dict[str, str],
 ) -> dict[str, Any]:
     shards = list((old or {}).get("shards", []))
     inputs = list((old or {}).get("inputs", []))
     runs = list((old or {}).get("runs", []))
     run_no = len(runs) + 1
     unit_of = {}
+    late: dict[str, dict[str, list[int]]] = {}
     for uid in unit_ids:
         for p in markers[uid]["inputs"]:
             unit_of[p] = uid
+        late.update(markers[uid].get("late_drops", {}))
         for s in markers[uid]["shards"]:
             shards.append({**s, "run": run_no})
+    records = []
     for f in new:
         r = resolved[f["path"]]
-        inputs.append(
-            {
-                "path": f["path"],
-                "size": f["size"],
-                "mtime": f["mtime"],
-                "format": f["format"],
-                "text_unit": f["text_unit"],
-                "text_field": f["text_field"],
-                "index": f["index"],
-                "unit": unit_of[f["path"]],
-                "run": run_no,
-                "docs": r["docs"],
-                "kept": r["kept"],
-                "duplicates": r["duplicates"],
-                "dropped": r["dropped"],
-            }
-        )
+        dropped = dict(r["dropped"])
+        kept = r["kept"]
+        for reason, positions in late.get(f["path"], {}).items():
+            dropped[reason] = dropped.get(reason, 0) + len(positions)
+            kept -= len(positions)
+        rec = {
+            "path": f["path"],
+            "size": f["size"],
+            "mtime": f["mtime"],
+            "format": f["format"],
+            "text_unit": f["text_unit"],
+            "text_field": f["text_field"],
+            "index": f["index"],
+            "unit": unit_of[f["path"]],
+            "run": run_no,
+            "docs": r["docs"],
+            "kept": kept,
+            "duplicates": r["duplicates"],
+            "dropped": dict(sorted(dropped.items())),
+        }
+        if f["path"] in late:  # positions dropped after the scan, replayed by verify
+            rec["late_drops"] = late[f["path"]]
+        records.append(rec)
+    inputs.extend(records)
     new_shards = [s for s in shards if s["run"] == run_no]
+    run_dropped: dict[str, int] = {}
+    for rec in records:
+        for k, v in rec["dropped"].items():
+            run_dropped[k] = run_dropped.get(k, 0) + v
     runs.append(
         {
             "run": run_no,
             "files": len(new),
             "units": len(unit_ids),
             "shards": len(new_shards),
-            "docs": sum(resolved[f["path"]]["docs"] for f in new),
-            "kept": sum(resolved[f["path"]]["kept"] for f in new),
-            "duplicates": sum(resolved[f["path"]]["duplicates"] for f in new),
+            "docs": sum(r["docs"] for r in records),
+            "kept": sum(r["kept"] for r in records),
+            "duplicates": sum(r["duplicates"] for r in records),
+            "dropped": dict(sorted(run_dropped.items())),
+            "skipped": dict(sorted(skipped.items())),
+            "limits": asdict(cfg.limits),
             "rows": sum(s["rows"] for s in new_shards),
             "tokens": sum(s["tokens"] for s in new_shards),
         }
@@ -655,6 +764,17 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['files_already_done']} files were already done, {s['units_resumed']} units resumed"
     )
     lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s["timings"].items()))
+    if r.get("dropped"):
+        lines.append(
+            "  dropped this run: " + ", ".join(f"{k}={v}" for k, v in r["dropped"].items())
+        )
+    if s.get("files_skipped"):
+        lines.append(
+            f"  skipped this run ({len(s['files_skipped'])} files, not in the manifest; "
+            "the next run tries them again):"
+        )
+        for p, why in sorted(s["files_skipped"].items()):
+            lines.append(f"    {_show(p)}: {why}")
     t = s["totals"]
     lines.append(
         f"  dataset: {t['files']} files, {t['kept']} docs kept, dropped {t['dropped']}, "

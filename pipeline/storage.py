@@ -76,12 +76,26 @@ class Storage:
         with self._errors(url):
             return self.fs(url).cat_file(self._strip(url))
 
+    def open_input(self, url: str) -> Any:
+        """A binary file object for streaming reads (local file, or s3fs's buffered file)."""
+        if is_s3(url):
+            return self.fs(url).open(self._strip(url), "rb", block_size=8 << 20)
+        return open(self._strip(url), "rb")  # the caller closes it
+
+    def size(self, url: str) -> int:
+        with self._errors(url):
+            return int(self.fs(url).size(self._strip(url)))
+
     def exists(self, url: str) -> bool:
         with self._errors(url):
             return self.fs(url).exists(self._strip(url))
 
-    def list_files(self, root: str, pattern: str) -> list[InputFile]:
-        """Files under a folder/prefix matching ``pattern``, or a glob, or one file; sorted."""
+    def list_files(
+        self, root: str, pattern: str, problems: list[tuple[str, str]] | None = None
+    ) -> list[InputFile]:
+        """Files under a folder/prefix matching ``pattern``, or a glob, or one file; sorted.
+        An entry that cannot be inspected (a broken symlink, a file removed while listing) is
+        left out and, when ``problems`` is given, appended to it as (path, why)."""
         fs, p = self.fs(root), self._strip(root)
         with self._errors(root):
             if any(c in root for c in "*?["):
@@ -94,8 +108,13 @@ class Storage:
                 raise StorageError(f"input not found: {root}")
             files = []
             for q in sorted(set(paths)):
-                info = fs.info(q)
-                if info.get("type") != "file":
+                try:
+                    info = fs.info(q)
+                except (OSError, ValueError) as e:
+                    if problems is not None:
+                        problems.append((self._url(root, q), f"unreadable: {type(e).__name__}"))
+                    continue
+                if info.get("type") != "file":  # folders, FIFOs, sockets
                     continue
                 files.append(InputFile(self._url(root, q), int(info["size"]), _mtime(info)))
         return sorted(files, key=lambda f: f.path)

@@ -6,17 +6,25 @@ marker, so a killed run that is rerun finds the finished units and redoes only t
 
 - scan: read -> decode -> normalise -> filters -> hash, for each file; writes one
   ``index/<key>.parquet`` for the unit (one row per document: file path, position, hash, drop
-  reason; <key> hashes the files' paths, sizes and mtimes). Its presence is the marker. The driver
-  resolves duplicates globally from these files.
+  reason; <key> hashes the run number, the limits and the files' paths, sizes and mtimes). Its
+  presence is the marker. The driver resolves duplicates globally from these files.
 - encode: the same steps again, then mark the duplicates the driver resolved -> split ->
   tokenise -> bit-encode -> pack -> write ``shards/<split>/<unit>-00000.parquet`` (and optional
   ``rejects/<unit>.jsonl.gz``), then the marker ``_work/units/<unit>.json``.
+
+Bad content never fails a unit (readers and steps turn it into counted drops). A file whose bytes
+cannot be fetched (``InputUnreadable``), or that changed between the two passes, is *skipped*: it
+has no index rows / is left out of the shards, the result names it under ``skipped``, and the
+driver leaves it out of the manifest so that the next run tries it again. A document that only
+the encode pass can lose (``tokenise_error``, ``encode_error``, ``split_error``) is a *late drop*:
+the marker lists its position under ``late_drops`` and the driver moves it from kept to dropped.
 
 This module must not import torch (workers stay light): code words are looked up with numpy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -28,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.readers import read_documents
+from pipeline.readers import InputUnreadable, read_documents
 from pipeline.shards import encode_shard, sha256_hex
 from pipeline.steps import (
     Batch,
@@ -51,6 +59,7 @@ __all__ = [
     "encode_unit",
     "index_rows",
     "index_table",
+    "read_input",
     "run_task",
     "scan_unit",
 ]
@@ -67,11 +76,59 @@ def codeword_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size {vocab_size} too large")
 
 
-def _read_file(storage: Storage, f: dict[str, Any], filters: dict[str, Any]) -> tuple[Batch, list]:
-    data = storage.read_bytes(f["path"])
-    batch = read_documents(data, f["path"], f["format"], f["text_unit"], f["text_field"])
-    steps = scan_steps(filters["max_control_fraction"], filters["min_chars"], filters["max_chars"])
+def read_input(storage: Storage, f: dict[str, Any], limits: dict[str, Any] | None) -> Batch:
+    """The raw documents of one input file, streamed from storage under ``limits`` (None: no
+    caps, for datasets recorded before limits existed). Raises only ``InputUnreadable``."""
+    limits = limits or {}
+    try:
+        fobj = storage.open_input(f["path"])
+    except Exception as e:
+        raise InputUnreadable(f"{type(e).__name__}: {e}") from None
+    try:
+        return read_documents(
+            fobj,
+            f["path"],
+            f["format"],
+            f["text_unit"],
+            f["text_field"],
+            limits.get("max_file_bytes"),
+            limits.get("max_doc_bytes"),
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            fobj.close()
+
+
+class _Read(Step):
+    """Counters of the reader (the documents it found and those it already dropped), so that the
+    summary's stage table starts with them."""
+
+    name = "read"
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["reason"])
+        self.counters["in"] += n
+        for r in batch["reason"]:
+            if r is not None:
+                self.counters[f"dropped.{r}"] += 1
+        self.counters["out"] += n - sum(r is not None for r in batch["reason"])
+        return batch
+
+
+def _read_file(
+    storage: Storage, f: dict[str, Any], filters: dict[str, Any], limits: dict[str, Any] | None
+) -> tuple[Batch, list]:
+    batch = read_input(storage, f, limits)
+    steps = [
+        _Read(),
+        *scan_steps(filters["max_control_fraction"], filters["min_chars"], filters["max_chars"]),
+    ]
     return run_steps(steps, batch), steps
+
+
+INDEX_SCHEMA = pa.schema(
+    [("path", pa.string()), ("index", pa.int64()), ("hash", pa.binary(16)), ("reason", pa.string())]
+)
 
 
 def index_table(path: str, batch: Batch) -> pa.Table:
@@ -87,7 +144,8 @@ def index_table(path: str, batch: Batch) -> pa.Table:
                 type=pa.binary(16),
             ),
             "reason": pa.array(batch["reason"], type=pa.string()),
-        }
+        },
+        schema=INDEX_SCHEMA,
     )
 
 
@@ -118,14 +176,32 @@ def scan_unit(spec: dict[str, Any]) -> dict[str, Any]:
     counters: dict[str, dict[str, int]] = {}
     nbytes = 0
     tables = []
+    skipped: dict[str, str] = {}
     for f in spec["files"]:
-        batch, steps = _read_file(storage, f, spec["filters"])
+        try:
+            batch, steps = _read_file(storage, f, spec["filters"], spec.get("limits"))
+        except InputUnreadable as e:
+            skipped[f["path"]] = f"unreadable: {e}"
+            continue
         merge_counters(counters, step_counters(steps))
         nbytes += f["size"]
         tables.append(index_table(f["path"], batch))
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
     storage.write_atomic(f"{spec['root']}/{spec['index']}", _table_bytes(table))
-    return {"unit": spec["unit"], "bytes": nbytes, "seconds": time.perf_counter() - t0}
+    return {
+        "unit": spec["unit"],
+        "bytes": nbytes,
+        "seconds": time.perf_counter() - t0,
+        "skipped": skipped,
+    }
+
+
+def _reject_line(rec: dict[str, Any]) -> bytes:
+    line = json.dumps(rec, ensure_ascii=False)
+    try:
+        return line.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:  # lone surrogates: keep them as JSON escapes
+        return json.dumps(rec).encode("ascii") + b"\n"
 
 
 def _dataset_codec(storage: Storage, root: str, tok_hash: str) -> tuple[Any, np.ndarray]:
@@ -157,36 +233,52 @@ def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
     split = SplitByHash(spec["val_fraction"])
     docs: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     rejects: list[bytes] = []
+    skipped: dict[str, str] = {}
+    late_drops: dict[str, dict[str, list[int]]] = {}
+    inputs: list[str] = []
     for f in spec["files"]:
-        batch, steps = _read_file(storage, f, spec["filters"])
-        tail: list[Step] = [MarkDuplicates(f["dups"]), split]
-        batch = run_steps(tail, batch)
-        merge_counters(counters, step_counters([*steps, tail[0]]))
+        try:
+            batch, steps = _read_file(storage, f, spec["filters"], spec.get("limits"))
+        except InputUnreadable as e:
+            skipped[f["path"]] = f"unreadable: {e}"
+            continue
+        dedup: Step = MarkDuplicates(f["dups"])
+        batch = dedup(batch)
         live = alive(batch)
         if len(live) != f["expect_kept"]:
-            raise RuntimeError(
-                f"{f['path']} changed while it was being processed "
-                f"({len(live)} documents kept now, {f['expect_kept']} at scan time)"
+            skipped[f["path"]] = (
+                f"changed: {len(live)} documents kept now, {f['expect_kept']} at scan time"
             )
-        batch = run_steps([tokenise, encode], batch)
+            continue
+        merge_counters(counters, step_counters([*steps, dedup]))
+        inputs.append(f["path"])
+        batch = run_steps([split, tokenise, encode], batch)
+        late: dict[str, list[int]] = {}
         for i in live:
-            docs[batch["split"][i]].append(batch["codes"][i])
+            r = batch["reason"][i]
+            if r is None:
+                docs[batch["split"][i]].append(batch["codes"][i])
+            else:
+                late.setdefault(r, []).append(int(batch["index"][i]))
+        if late:
+            late_drops[f["path"]] = late
         if spec["rejects"]:
             for i, r in enumerate(batch["reason"]):
                 if r is None:
                     continue
                 text = batch["text"][i]
                 rec = {"source": f["path"], "index": batch["index"][i], "reason": r, "text": text}
-                rejects.append(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
+                rejects.append(_reject_line(rec))
     merge_counters(counters, step_counters([split, tokenise, encode]))
     packer = Packer(spec["seq_len"], int(code_of_id[eod_id]), dtype)
     shards = []
     for name in ("train", "val"):
+        path = f"shards/{name}/{unit}-00000.parquet"
         if not docs[name]:
+            storage.remove_tree(f"{root}/{path}")  # left by an attempt that had more documents
             continue
         codes, starts, pad = packer.pack(docs[name])
         data = encode_shard(codes, starts, spec["row_group_rows"])
-        path = f"shards/{name}/{unit}-00000.parquet"
         storage.write_atomic(f"{root}/{path}", data)
         shards.append(
             {
@@ -199,7 +291,7 @@ def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
                 "bytes": len(data),
                 "sha256": sha256_hex(data),
                 "unit": unit,
-                "inputs": [f["path"] for f in spec["files"]],
+                "inputs": inputs,
             }
         )
     if rejects:
@@ -210,9 +302,11 @@ def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
     marker = {
         "unit": unit,
         "plan": spec["plan"],
-        "inputs": [f["path"] for f in spec["files"]],
+        "inputs": inputs,
         "shards": shards,
         "counters": counters,
+        "skipped": skipped,
+        "late_drops": late_drops,
     }
     storage.write_atomic(f"{root}/_work/units/{unit}.json", json.dumps(marker).encode())
     marker["seconds"] = time.perf_counter() - t0

@@ -3,8 +3,9 @@
 Checks: tokenizer.json and code_table.json hashes; per shard the sha256, byte size, row and token
 counts, row length L, every code word < V, document offsets in range and document counts; shard
 files not listed in the manifest (left by an interrupted run) are reported as warnings. Then, for
-``sample_units`` units, the input files are read again, the same steps applied, duplicates replayed
-from the index files, and the decoded shard documents must equal the kept documents exactly.
+``sample_units`` units, the input files are read again (under the limits of the run that
+processed them), the same steps applied, duplicates replayed from the index files and late drops
+from the manifest, and the decoded shard documents must equal the kept documents exactly.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ from typing import Any
 import numpy as np
 
 from pipeline.driver import IndexReader, _root, read_manifest, storage_for
-from pipeline.readers import read_documents
 from pipeline.shards import decode_shard, sha256_hex
-from pipeline.steps import MarkDuplicates, SplitByHash, alive, run_steps, scan_steps, unpack
+from pipeline.steps import (
+    MarkDropped,
+    MarkDuplicates,
+    SplitByHash,
+    alive,
+    run_steps,
+    scan_steps,
+    unpack,
+)
+from pipeline.units import read_input
 
 __all__ = ["decode_dataset", "verify"]
 
@@ -154,6 +163,8 @@ def _decode_sample(
     want = set(pick)
     expected: dict[str, dict[str, list[str]]] = {u: {"train": [], "val": []} for u in pick}
     reader = IndexReader(storage, root)
+    # limits of the run that read each file; None (no caps) for runs recorded before limits
+    limits_of = {r["run"]: r.get("limits") for r in manifest.get("runs", [])}
     for rec in manifest["inputs"]:
         positions, hashes, _ = reader.rows(rec["index"], rec["path"])
         dups = []
@@ -166,21 +177,21 @@ def _decode_sample(
         if rec["unit"] not in want:
             continue
         try:
-            info_size = len(data := storage.read_bytes(rec["path"]))
-        except Exception:
+            if storage.size(rec["path"]) != rec["size"]:
+                warnings.append(
+                    f"{rec['path']}: input changed since it was processed, check skipped"
+                )
+                want.discard(rec["unit"])
+                continue
+            batch = read_input(storage, rec, limits_of.get(rec.get("run")))
+        except Exception:  # InputUnreadable, or the storage failing on size()
             warnings.append(f"{rec['path']}: input unreadable, decode check skipped")
             want.discard(rec["unit"])
             continue
-        if info_size != rec["size"]:
-            warnings.append(f"{rec['path']}: input changed since it was processed, check skipped")
-            want.discard(rec["unit"])
-            continue
-        batch = read_documents(
-            data, rec["path"], rec["format"], rec["text_unit"], rec["text_field"]
-        )
         steps = [
             *scan_steps(flt["max_control_fraction"], flt["min_chars"], flt["max_chars"]),
             MarkDuplicates(dups),
+            *(MarkDropped(pos, r) for r, pos in sorted(rec.get("late_drops", {}).items())),
             split,
         ]
         batch = run_steps(steps, batch)
