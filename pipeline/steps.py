@@ -77,12 +77,12 @@ REASONS = (
     *(f"{n}_error" for n in STEP_NAMES),
 )
 _FATAL = (KeyboardInterrupt, SystemExit)
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 _CONTROL_BYTES = bytes([*range(0, 9), *range(14, 32), 127])
 _CONTROL_TABLE = bytes.maketrans(b"", b"")
 # C0/C1 controls except tab and newline; carriage returns are handled before.
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_OR_SURROGATE_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def is_binary(data: bytes | str, max_control_fraction: float) -> bool:
@@ -103,12 +103,27 @@ def is_binary(data: bytes | str, max_control_fraction: float) -> bool:
 
 def normalise_text(text: str) -> str:
     """Unicode NFC; CRLF and CR -> LF; strip a BOM and control characters except tab/newline."""
+    return _normalise(text)[0]
+
+
+def _normalise(text: str) -> tuple[str, bool]:
+    """(``normalise_text(text)``, whether it holds lone surrogates), in one regex pass."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = text.removeprefix("\ufeff")
-    if not text.isascii():
-        text = unicodedata.normalize("NFC", text)
-    return _CONTROL_RE.sub("", text)
+    if text.isascii():
+        return _CONTROL_RE.sub("", text), False
+    text = unicodedata.normalize("NFC", text)
+    surrogates = False
+
+    def strip(m: re.Match[str]) -> str:
+        nonlocal surrogates
+        if m.group() < "\ud800":
+            return ""  # a control character
+        surrogates = True
+        return m.group()
+
+    return _CONTROL_OR_SURROGATE_RE.sub(strip, text), surrogates
 
 
 def doc_hash(text: str) -> bytes:
@@ -214,10 +229,10 @@ class Normalise(Step):
         text = batch["text"][i]
         if not isinstance(text, str):
             raise TypeError(f"text is {type(text).__name__}, not str")
-        if not text.isascii() and _SURROGATE_RE.search(text):
+        t, surrogates = _normalise(text)
+        if surrogates:
             self.drop(batch, i, "invalid_unicode")
             return
-        t = normalise_text(text)
         if t != text:
             self.counters["changed"] += 1
         batch["text"][i] = t
