@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bitlm.recipe import RecipeError, load_recipe, to_dict
-from pipeline.readers import DEFAULT_MAX_DOC_BYTES, DEFAULT_MAX_FILE_BYTES
+from pipeline.readers import DEFAULT_MAX_DOC_BYTES, DEFAULT_MAX_DOCS, DEFAULT_MAX_FILE_BYTES
 
 __all__ = [
     "CONTENT_KEYS",
@@ -69,10 +69,16 @@ class LimitsConfig:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     # bytes of one document before decoding; a larger one is dropped as ``doc_too_large``
     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
+    # documents (lines, JSON lines, Parquet rows) of one file; the rest is one ``file_too_large``
+    # (a file of a billion blank lines is small compressed and would need ~50 GB of lists)
+    max_docs_per_file: int = DEFAULT_MAX_DOCS
 
     def __post_init__(self) -> None:
-        if self.max_file_bytes < 1 or self.max_doc_bytes < 1:
-            raise RecipeError("limits.max_file_bytes and limits.max_doc_bytes must be >= 1")
+        if min(self.max_file_bytes, self.max_doc_bytes, self.max_docs_per_file) < 1:
+            raise RecipeError(
+                "limits.max_file_bytes, limits.max_doc_bytes and limits.max_docs_per_file "
+                "must be >= 1"
+            )
 
 
 @dataclass

@@ -9,7 +9,8 @@ lost. Reader reasons (docs/preprocessing.md has the table):
   Parquet stream at all, or a Parquet row group that does not decode: one entry per row group),
   ``truncated`` (a compressed stream cut short: the complete lines before the cut are kept),
   ``file_too_large`` (more than ``max_file_bytes`` decompressed bytes: decompression stops at the
-  cap, the complete lines before it are kept), ``empty`` (an empty file);
+  cap, the complete lines before it are kept; or more than ``max_docs`` documents: the documents
+  past the cap are one entry), ``empty`` (an empty file);
 - document level: ``doc_too_large`` (more than ``max_doc_bytes``, dropped before decoding),
   ``malformed_json``, ``json_too_deep`` (nesting past Python's recursion limit),
   ``missing_field`` (no such key or column, null, or a JSON line that is not an object),
@@ -50,6 +51,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 __all__ = [
+    "DEFAULT_MAX_DOCS",
     "DEFAULT_MAX_DOC_BYTES",
     "DEFAULT_MAX_FILE_BYTES",
     "READER_REASONS",
@@ -66,6 +68,7 @@ COLUMNS = ("index", "raw", "text", "reason")
 
 DEFAULT_MAX_FILE_BYTES = 1 << 30  # decompressed bytes per input file
 DEFAULT_MAX_DOC_BYTES = 64 << 20  # bytes per document, before decoding
+DEFAULT_MAX_DOCS = 10_000_000  # documents per file (lines, JSON lines, Parquet rows)
 
 READER_REASONS = (
     "read_error",
@@ -288,14 +291,18 @@ def _inflate(
                 block, pos = rest + block[pos:], 0
 
 
-def _lines(payload: bytes, cut: bool) -> list[bytes]:
-    """Lines of the payload; when ``cut`` the text after the last newline (a line cut short) is
-    not a document."""
-    parts = payload.split(b"\n")
-    last = parts.pop()  # text after the final newline ("" when the file ends with one)
+def _lines(payload: bytes, cut: bool, max_docs: int | None) -> tuple[list[bytes], bool]:
+    """(lines of the payload, whether there are more than ``max_docs``); when ``cut`` the text
+    after the last newline (a line cut short) is not a document. Splits at most ``max_docs``
+    times, so that a file of a billion newlines cannot make a billion-entry list."""
+    parts = payload.split(b"\n", -1 if max_docs is None else max_docs)
+    last = parts.pop()  # after the final newline ("" when the file ends with one), or the rest
+    if max_docs is not None and len(parts) == max_docs and last:
+        if b"\n" in last or not cut:  # a further line (complete, or the last of the file)
+            return parts, True
     if last and not cut:
         parts.append(last)
-    return parts
+    return parts, False
 
 
 # ---- documents -----------------------------------------------------------------------------------
@@ -331,10 +338,16 @@ def _is_text_type(t: pa.DataType) -> bool:
 
 
 def _read_parquet(
-    b: Batch, source: Any, text_field: str, max_file_bytes: int | None, max_doc_bytes: int | None
+    b: Batch,
+    source: Any,
+    text_field: str,
+    max_file_bytes: int | None,
+    max_doc_bytes: int | None,
+    max_docs: int | None,
 ) -> None:
     """Row group by row group: a row group that fails to decode is one ``read_error``; the
-    text column's declared uncompressed sizes count towards ``max_file_bytes``."""
+    text column's declared uncompressed sizes count towards ``max_file_bytes`` and the rows
+    towards ``max_docs`` (dictionary and RLE encodings make a billion rows cost a few bytes)."""
 
     def unreadable() -> None:  # pyarrow may wrap the storage's error in its own
         failed = source.unreadable() if isinstance(source, _Source) else None
@@ -357,7 +370,7 @@ def _read_parquet(
     if not _is_text_type(schema.field(text_field).type):
         _add(b, None, None, "wrong_type")
         return
-    total = 0
+    total = rows = 0
     for g in range(meta.num_row_groups):
         try:
             rg = meta.row_group(g)
@@ -366,10 +379,12 @@ def _read_parquet(
                 for j in range(rg.num_columns)
                 if rg.column(j).path_in_schema == text_field
             )
-            if max_file_bytes is not None and total + size > max_file_bytes:
+            over_bytes = max_file_bytes is not None and total + size > max_file_bytes
+            if over_bytes or (max_docs is not None and rows + rg.num_rows > max_docs):
                 _add(b, None, None, "file_too_large")
                 return
             total += size
+            rows += rg.num_rows
             col = pf.read_row_group(g, columns=[text_field]).column(0)
             if pa.types.is_dictionary(col.type):
                 col = col.cast(col.type.value_type)
@@ -398,13 +413,15 @@ def read_documents(
     text_field: str,
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
     max_doc_bytes: int | None = DEFAULT_MAX_DOC_BYTES,
+    max_docs: int | None = DEFAULT_MAX_DOCS,
 ) -> Batch:
     """Raw documents of one file (bytes, or an open binary file), see the module docstring.
     Never raises on content; raises ``InputUnreadable`` when the storage fails under it."""
     b = new_batch()
     src = _source(data)
     try:
-        _read_into(b, src, path, fmt, text_unit, text_field, max_file_bytes, max_doc_bytes)
+        caps = (max_file_bytes, max_doc_bytes, max_docs)
+        _read_into(b, src, path, fmt, text_unit, text_field, *caps)
     except InputUnreadable:
         raise
     except BaseException as e:
@@ -426,12 +443,13 @@ def _read_into(
     text_field: str,
     max_file_bytes: int | None,
     max_doc_bytes: int | None,
+    max_docs: int | None,
 ) -> None:
     kind = detect_format(path, fmt)
     if kind == "parquet" and _codec_of(path) is None:
         f = src.f
         source = pa.BufferReader(f.getbuffer()) if type(f) is io.BytesIO else src
-        _read_parquet(b, source, text_field, max_file_bytes, max_doc_bytes)
+        _read_parquet(b, source, text_field, max_file_bytes, max_doc_bytes, max_docs)
         return
     payload, status = decompress(src, path, max_file_bytes)
     if status == "read_error":
@@ -445,7 +463,8 @@ def _read_into(
         if status is not None:
             _add(b, None, None, status)
             return
-        _read_parquet(b, pa.BufferReader(payload), text_field, max_file_bytes, max_doc_bytes)
+        buf = pa.BufferReader(payload)
+        _read_parquet(b, buf, text_field, max_file_bytes, max_doc_bytes, max_docs)
         return
     if kind == "python_prose":
         if status is not None or too_big:
@@ -472,7 +491,8 @@ def _read_into(
             _add(b, payload, None, None)
         return
     json_lines = kind != "text"
-    for line in _lines(payload, status is not None):
+    lines, over = _lines(payload, status is not None, max_docs)
+    for line in lines:
         if max_doc_bytes is not None and len(line) > max_doc_bytes:
             _add(b, None, None, "doc_too_large")
         elif not json_lines:
@@ -482,5 +502,5 @@ def _read_into(
         else:
             text, reason = _json_text(line, text_field)
             _add(b, None, text, reason)
-    if status is not None:
-        _add(b, None, None, status)
+    if over or status is not None:
+        _add(b, None, None, "file_too_large" if over else status)

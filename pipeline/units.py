@@ -93,6 +93,7 @@ def read_input(storage: Storage, f: dict[str, Any], limits: dict[str, Any] | Non
             f["text_field"],
             limits.get("max_file_bytes"),
             limits.get("max_doc_bytes"),
+            limits.get("max_docs_per_file"),
         )
     finally:
         with contextlib.suppress(Exception):

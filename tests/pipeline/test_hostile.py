@@ -154,6 +154,41 @@ def test_compression_bombs_stop_at_the_cap() -> None:
         assert src.consumed <= 2 * MiB < len(data), (name, src.consumed, len(data))
 
 
+def test_document_count_cap_stops_line_and_row_bombs() -> None:
+    # 64 MiB of newlines: 64 KB compressed, 64 million documents (~2 GB of lists) without a cap
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = c.compress(b"first\nsecond\n") + b"".join(c.compress(b"\n" * MiB) for _ in range(64))
+    bomb += c.flush()
+    tracemalloc.start()
+    b = read_documents(bomb, "n.txt.gz", "auto", "line", "text", max_docs=1000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(b["reason"]) == 1001 and b["reason"][-1] == "file_too_large"
+    assert b["raw"][:2] == [b"first", b"second"] and peak < 300 * MiB
+    # exactly at the cap is not over it; one more line is
+    assert read_documents(b"a\nb\n", "x.txt", "auto", "line", "text", max_docs=2)["reason"] == [
+        None,
+        None,
+    ]
+    assert read_documents(b"a\nb\nc", "x.txt", "auto", "line", "text", max_docs=2)["reason"] == [
+        None,
+        None,
+        "file_too_large",
+    ]
+    j = b'{"text": "a"}\n' * 5
+    assert scan(j, "j.jsonl", max_docs=3)["reason"] == [None, None, None, "file_too_large"]
+    # Parquet: two million rows of one dictionary value are a few KB on disk
+    col = pa.DictionaryArray.from_arrays(pa.array(np.zeros(2_000_000, np.int32)), pa.array(["z"]))
+    head = pa.table({"text": pa.array(["ok one", "ok two"]).dictionary_encode()})
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, head.schema) as w:
+        w.write_table(head)
+        w.write_table(pa.table({"text": col}), row_group_size=2_000_000)
+    assert len(buf.getvalue()) < 100_000
+    b = read_documents(buf.getvalue(), "r.parquet", "auto", "file", "text", max_docs=1000)
+    assert b["reason"] == [None, None, "file_too_large"] and b["text"][:2] == ["ok one", "ok two"]
+
+
 def test_document_cap_drops_one_document_before_decoding() -> None:
     data = b"short one\n" + b"y" * 5000 + b"\nshort two\n"
     b = scan(data, "l.txt", max_doc_bytes=1000)

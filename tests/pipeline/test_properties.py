@@ -180,10 +180,14 @@ def full_chain(b: dict, tok) -> list:
 
 
 @settings(SETTINGS, max_examples=300)
-@given(input_file(), CAPS, CAPS)
-def test_readers_and_all_steps_never_raise(tok, f, max_file: int | None, max_doc: int | None):
+@given(input_file(), CAPS, CAPS, st.one_of(st.none(), st.integers(1, 5)))
+def test_readers_and_all_steps_never_raise(
+    tok, f, max_file: int | None, max_doc: int | None, max_docs: int | None
+):
     data, path, fmt, unit = f
-    b = read_documents(data, path, fmt, unit, "text", max_file, max_doc)
+    b = read_documents(data, path, fmt, unit, "text", max_file, max_doc, max_docs)
+    if max_docs is not None:
+        assert len(b["reason"]) <= max_docs + 1
     check_batch(b)
     read = len(b["reason"])
     alive_after_reader = len(alive(b))
