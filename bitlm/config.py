@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -26,20 +27,38 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     qk_norm: bool = True
     norm_eps: float = 1e-6
-    input: Literal["bits", "embedding"] = "bits"
+    # bits: Linear-SiLU-Linear over the B bits; bit_groups: a factored embedding, the sum of one
+    # learned vector per g-bit group of the code (ceil(B/g) x 2^g rows, not V); embedding: a
+    # V-row table (the AR baseline)
+    input: Literal["bits", "bit_groups", "embedding"] = "bits"
+    input_mlp_ratio: float = 1.0  # bits: MLP hidden width = ratio x d_model
+    input_init_std: float = 0.02  # bits: std of the MLP's first layer (larger: more nonlinear)
+    input_group_bits: int = 6  # bit_groups: g
+    # order of the tokens of each (shifted) input block: forward (the paper's, BitDance's) or
+    # reversed (slot 0 then holds the most recent token, which next-token prediction needs)
+    input_block_order: Literal["forward", "reversed"] = "forward"
+    slot_embedding: bool = False  # add a learned vector per slot (position mod m) to the input
     output_head: Literal["diffusion", "softmax"] = "diffusion"
     # diffusion head
     head_width: int = 128
     head_depth: int = 3
     head_heads: int = 4
     head_mlp_ratio: float = 2.0
+    head_cond_input: bool = False  # also add Linear(d -> W)(h) to the head's token stream
     head_squash: bool = True  # x0_hat = tanh(out): predictions stay in (-1, 1)
     fused_head: bool = True  # use the Triton kernels on CUDA when available; False forces eager
     # objective
-    loss: Literal["x0_mse", "v_loss"] = "x0_mse"
+    # x0_mse (the paper's), v_loss (JiT/BitDance), bit_ce: cross-entropy of each bit under
+    # p = (1 + x0_hat)/2 (same minimiser, the posterior mean; needs head_squash)
+    loss: Literal["x0_mse", "v_loss", "bit_ce"] = "x0_mse"
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    time_min: float = 0.0  # training t is mapped into [time_min, time_max] (BD3-LM clipping)
+    time_max: float = 1.0
+    # probability that a training block gets a clean prefix of 1..m-1 known slots (t = 0 there):
+    # teaches the head p(slot j | context, slots < j), used by the chain-rule likelihood
+    known_prefix_prob: float = 0.0
     diffusion_batch_mul: int = 4
     cond_dropout: float = 0.1
     self_conditioning: bool = False
@@ -75,6 +94,8 @@ class ModelConfig:
                 raise ValueError(f"model.{f.name}={v!r}: must be an int")
             elif hint is float and (isinstance(v, bool) or not isinstance(v, int | float)):
                 raise ValueError(f"model.{f.name}={v!r}: must be a number")
+            elif hint is float and not math.isfinite(v):
+                raise ValueError(f"model.{f.name}={v!r}: must be a finite number")
         positive = (
             "vocab_size",
             "block_size",
@@ -88,6 +109,7 @@ class ModelConfig:
             "head_heads",
             "diffusion_batch_mul",
             "sample_steps",
+            "input_group_bits",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -102,8 +124,20 @@ class ModelConfig:
             raise ValueError("model.head_width must be divisible by head_heads")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError("model.cond_dropout must be in [0, 1)")
-        if self.head_mlp_ratio <= 0 or self.logit_normal_std <= 0 or self.rope_theta <= 0:
-            raise ValueError("model.head_mlp_ratio, logit_normal_std, rope_theta must be > 0")
+        if self.input_group_bits > 16:
+            raise ValueError("model.input_group_bits must be <= 16 (2^g rows per group)")
+        if min(self.head_mlp_ratio, self.input_mlp_ratio, self.logit_normal_std) <= 0:
+            raise ValueError("model.head_mlp_ratio, input_mlp_ratio, logit_normal_std must be > 0")
+        if self.input_init_std <= 0:
+            raise ValueError("model.input_init_std must be > 0")
+        if self.rope_theta <= 0:
+            raise ValueError("model.rope_theta must be > 0")
+        if not 0.0 <= self.time_min < self.time_max <= 1.0:
+            raise ValueError("model.time_min/time_max: need 0 <= time_min < time_max <= 1")
+        if not 0.0 <= self.known_prefix_prob <= 1.0:
+            raise ValueError("model.known_prefix_prob must be in [0, 1]")
+        if self.loss == "bit_ce" and not self.head_squash:
+            raise ValueError("model.loss=bit_ce needs head_squash=true (x0_hat = tanh(logit/2))")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,20 +19,30 @@ V_LOSS_MIN_T = 0.05  # velocity-loss clamp, as in JiT/BitDance
 
 
 def sample_time(cfg: ModelConfig, n: int, device: torch.device, generator=None) -> Tensor:
-    """One t per block: U[0, 1] or logit-normal(mean, std). -> [n]."""
+    """One t per block: U[0, 1] or logit-normal(mean, std), mapped into [time_min, time_max].
+    -> [n]."""
     if cfg.time_sampling == "uniform":
-        return torch.rand(n, device=device, generator=generator)
-    z = torch.randn(n, device=device, generator=generator)
-    return torch.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * z)
+        u = torch.rand(n, device=device, generator=generator)
+    else:
+        z = torch.randn(n, device=device, generator=generator)
+        u = torch.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * z)
+    return cfg.time_min + (cfg.time_max - cfg.time_min) * u
 
 
-def diffusion_loss(x0_hat: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, kind: str) -> Tensor:
-    """Mean loss over blocks and bits. x0_hat, x0, x_t [R, m, B]; t [R].
+def diffusion_loss(out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, kind: str) -> Tensor:
+    """Mean loss over blocks and bits. out: the head's x0_hat [R, m, B], or for bit_ce its
+    pre-squash output (x0_hat = tanh(out)); x0, x_t [R, m, B]; t [R] or [R, m].
     x0_mse: (x0_hat - x0)^2. v_loss: ((x0_hat - x0) / max(t, 0.05))^2, which is the squared
-    error of the velocities (x0 - x_t)/max(t, 0.05) since x_t cancels."""
-    err = (x0_hat.float() - x0.float()) ** 2
+    error of the velocities (x0 - x_t)/max(t, 0.05) since x_t cancels. bit_ce: the binary
+    cross-entropy of x0 under P(bit = +1) = (1 + x0_hat)/2 = sigmoid(2 out), in nats; like
+    x0_mse it is minimised by the posterior mean E[x0 | x_t, h], so the sampler is unchanged,
+    but its gradient does not vanish when tanh saturates on a wrong bit."""
+    if kind == "bit_ce":
+        return torch.nn.functional.softplus(-2.0 * out.float() * x0.float()).mean()
+    err = (out.float() - x0.float()) ** 2
     if kind == "v_loss":
-        err = err / t.float().clamp_min(V_LOSS_MIN_T).pow(2)[:, None, None]
+        tt = t.float().clamp_min(V_LOSS_MIN_T).pow(2)
+        err = err / (tt[:, None, None] if tt.dim() == 1 else tt[..., None])
     return err.mean()
 
 

@@ -2,7 +2,7 @@
 bitlm/kernels/ share its parameter names) and the per-slot softmax head of the baselines.
 
 Diffusion head, per target block of m slots:
-    z   = Linear(B -> W)(x_t [; x0_selfcond]) + slot_pos                 [R, m, W]
+    z   = Linear(B -> W)(x_t [; x0_selfcond]) + slot_pos [+ Linear(d -> W)(h)]   [R, m, W]
     y   = SiLU(Linear(d -> W)(h) + TimeMLP(sinusoid(1000 t)))            [R, m, W]
     z   = AdaLNBlock(z, y) x depth  (self-attention among the m slots, then an MLP; shift, scale
           and gate from y, zero-initialised)
@@ -102,6 +102,9 @@ class DiffusionHead(nn.Module):
         self.in_proj = nn.Linear(B * (2 if cfg.self_conditioning else 1), W)
         self.slot_pos = nn.Parameter(torch.randn(cfg.block_size, W) * 0.02)
         self.cond_proj = nn.Linear(cfg.d_model, W)
+        # Optional additive path for h: with adaLN alone (zero-initialised), h reaches the output
+        # only through products of weights that start at zero.
+        self.cond_in = nn.Linear(cfg.d_model, W) if cfg.head_cond_input else None
         self.null_cond = nn.Parameter(torch.randn(cfg.d_model) * 0.02)  # for condition dropout
         self.t_mlp = nn.Sequential(nn.Linear(256, W), nn.SiLU(), nn.Linear(W, W))
         self.blocks = nn.ModuleList(
@@ -118,9 +121,16 @@ class DiffusionHead(nn.Module):
                 nn.init.normal_(mod.weight, std=0.02)
 
     def condition(self, h: Tensor, t: Tensor) -> Tensor:
-        """y = SiLU(cond_proj(h) + t_emb). h [R, m, d], t [R] -> [R, m, W]."""
-        temb = self.t_mlp(timestep_embedding(t).to(h.dtype))  # [R, W]
-        return F.silu(self.cond_proj(h) + temb[:, None, :])
+        """y = SiLU(cond_proj(h) + t_emb). h [R, m, d], t [R] (one per block) or [R, m] (one
+        per slot) -> [R, m, W]."""
+        temb = self.t_mlp(timestep_embedding(t.flatten()).to(h.dtype))  # [R or R m, W]
+        temb = temb[:, None, :] if t.dim() == 1 else temb.view(*t.shape, -1)
+        return F.silu(self.cond_proj(h) + temb)
+
+    def tokens(self, x_t: Tensor, h: Tensor) -> Tensor:
+        """The head's token stream z = in_proj(x_t) + slot_pos [+ cond_in(h)]: [R, m, W]."""
+        z = self.in_proj(x_t) + self.slot_pos
+        return z if self.cond_in is None else z + self.cond_in(h)
 
     def use_fused(self, x: Tensor) -> bool:
         """Whether the Triton path runs for tensors like x."""
@@ -138,7 +148,8 @@ class DiffusionHead(nn.Module):
         return HAS_TRITON
 
     def forward(self, x_t: Tensor, t: Tensor, h: Tensor, x_sc: Tensor | None = None) -> Tensor:
-        """x_t [R, m, B], t [R], h [R, m, d], x_sc [R, m, B] (self-conditioning) -> [R, m, B]."""
+        """x_t [R, m, B], t [R] or [R, m], h [R, m, d], x_sc [R, m, B] (self-conditioning)
+        -> x0_hat [R, m, B]."""
         if self.use_fused(x_t):
             from .kernels.fused_head import fused_forward
 
@@ -146,28 +157,31 @@ class DiffusionHead(nn.Module):
         return self.reference_forward(x_t, t, h, x_sc)
 
     def reference_forward(
-        self, x_t: Tensor, t: Tensor, h: Tensor, x_sc: Tensor | None = None
+        self, x_t: Tensor, t: Tensor, h: Tensor, x_sc: Tensor | None = None, squash: bool = True
     ) -> Tensor:
-        """The PyTorch definition of the head (source of truth for the kernels)."""
+        """The PyTorch definition of the head (source of truth for the kernels); squash=False
+        returns the pre-tanh output."""
         if self.cfg.self_conditioning:
             x_t = torch.cat([x_t, torch.zeros_like(x_t) if x_sc is None else x_sc], dim=-1)
         y = self.condition(h, t)
-        z = self.in_proj(x_t) + self.slot_pos  # [R, m, W]
+        z = self.tokens(x_t, h)  # [R, m, W]
         for blk in self.blocks:
             z = blk(z, y)
         shift, scale = self.final_ada(y).chunk(2, dim=-1)
         out = self.out(modulate(self.final_norm(z), shift, scale))
-        return torch.tanh(out) if self.cfg.head_squash else out
+        return torch.tanh(out) if (squash and self.cfg.head_squash) else out
 
     # ---- training: noising and loss from integer code words ----------------------------------
     def noise(self, words: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x_t = (1 - t) bits(words) + t eps. words [R, m] int, t [R], eps [R, m, B] -> x_t."""
-        if self.use_fused(eps):
+        """x_t = (1 - t) bits(words) + t eps. words [R, m] int, t [R] or [R, m],
+        eps [R, m, B] -> x_t."""
+        if t.dim() == 1 and self.use_fused(eps):
             from .kernels.fused_head import fused_noise
 
             return fused_noise(words, t, eps)
         x0 = words_to_bits(words, eps.shape[-1], eps.dtype)
-        return (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+        tt = t[:, None, None] if t.dim() == 1 else t[..., None]
+        return (1 - tt) * x0 + tt * eps
 
     def loss(
         self, x_t: Tensor, t: Tensor, h: Tensor, words: Tensor, x_sc: Tensor | None = None
@@ -178,7 +192,8 @@ class DiffusionHead(nn.Module):
 
             return fused_loss(self, x_t, t, h, words, x_sc)
         x0 = words_to_bits(words, x_t.shape[-1], x_t.dtype)
-        return diffusion_loss(self.reference_forward(x_t, t, h, x_sc), x0, x_t, t, self.cfg.loss)
+        out = self.reference_forward(x_t, t, h, x_sc, squash=self.cfg.loss != "bit_ce")
+        return diffusion_loss(out, x0, x_t, t, self.cfg.loss)
 
     # ---- decoding ----------------------------------------------------------------------------
     def guided(self, h: Tensor, cfg_scale: float):

@@ -30,16 +30,36 @@ __all__ = ["BitLM"]
 
 
 class BitInput(nn.Module):
-    """B bits -> d: Linear-SiLU-Linear, then RMSNorm (no embedding table)."""
+    """B bits -> d: Linear-SiLU-Linear (hidden input_mlp_ratio x d), then RMSNorm (no embedding
+    table)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.num_bits, cfg.d_model)
-        self.fc2 = nn.Linear(cfg.d_model, cfg.d_model)
+        hidden = round(cfg.input_mlp_ratio * cfg.d_model)
+        self.fc1 = nn.Linear(cfg.num_bits, hidden)
+        self.fc2 = nn.Linear(hidden, cfg.d_model)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(self, bits: Tensor) -> Tensor:
         return self.norm(self.fc2(F.silu(self.fc1(bits))))
+
+
+class BitGroupInput(nn.Module):
+    """Code word -> d: the sum of one learned vector per g-bit group of the code, then RMSNorm.
+    A factored embedding of ceil(B/g) x 2^g rows: distinct tokens get nearly orthogonal vectors
+    (as with an embedding table) while the parameters grow with B, not with V."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.g = min(cfg.input_group_bits, cfg.num_bits)
+        self.groups = -(-cfg.num_bits // self.g)
+        self.table = nn.Embedding(self.groups << self.g, cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, words: Tensor) -> Tensor:
+        k = torch.arange(self.groups, device=words.device)
+        idx = ((words[..., None] >> (k * self.g)) & ((1 << self.g) - 1)) + (k << self.g)
+        return self.norm(self.table(idx).sum(-2))  # [..., groups, d] -> [..., d]
 
 
 class BitLM(nn.Module):
@@ -49,9 +69,18 @@ class BitLM(nn.Module):
         self.codec = BitCodec(cfg.vocab_size, code_table)
         if cfg.input == "bits":
             self.input = BitInput(cfg)
+        elif cfg.input == "bit_groups":
+            self.input = BitGroupInput(cfg)
         else:
             self.input = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.start = nn.Parameter(torch.randn(cfg.block_size, cfg.d_model) * 0.02)
+        # Without it a position cannot tell which slot it conditions: RoPE is relative, and all
+        # m positions of a block see the same tokens.
+        self.slot_emb = (
+            nn.Parameter(torch.randn(cfg.block_size, cfg.d_model) * 0.02)
+            if cfg.slot_embedding
+            else None
+        )
         self.backbone = Backbone(cfg)
         self.head = DiffusionHead(cfg) if cfg.output_head == "diffusion" else SoftmaxHead(cfg)
         self._init_backbone()
@@ -65,6 +94,8 @@ class BitLM(nn.Module):
                         nn.init.zeros_(sub.bias)
                 elif isinstance(sub, nn.Embedding):
                     nn.init.normal_(sub.weight, std=0.02)
+        if isinstance(self.input, BitInput):
+            nn.init.normal_(self.input.fc1.weight, std=self.config.input_init_std)
         if isinstance(self.head, SoftmaxHead):
             nn.init.normal_(self.head.proj.weight, std=0.02)
 
@@ -77,7 +108,19 @@ class BitLM(nn.Module):
         """tokens [b, T] -> input vectors [b, T, d]."""
         if self.config.input == "bits":
             return self.input(self.codec.encode(tokens, self.start.dtype))
+        if self.config.input == "bit_groups":
+            return self.input(self.codec.to_codewords(tokens))
         return self.input(tokens)
+
+    def embed_blocks(self, tokens: Tensor) -> Tensor:
+        """Whole blocks of tokens [b, n m] -> backbone input vectors [b, n m, d]; with
+        input_block_order=reversed each block enters last token first, so that slot 0 (which
+        conditions next-token prediction) holds the most recent token, as in an AR model."""
+        if self.config.input_block_order == "reversed":
+            b, T = tokens.shape
+            m = self.config.block_size
+            tokens = tokens.view(b, T // m, m).flip(-1).reshape(b, T)
+        return self.embed(tokens)
 
     def _check(self, tokens: Tensor) -> None:
         if tokens.dim() != 2 or tokens.shape[1] % self.config.block_size:
@@ -86,13 +129,22 @@ class BitLM(nn.Module):
                 f"{self.config.block_size}, got {tuple(tokens.shape)}"
             )
 
+    def run_backbone(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Block-aligned input vectors [b, T, d] (T a multiple of m) -> hidden states
+        [b, T, d]; adds the slot embedding when configured."""
+        if self.slot_emb is not None:
+            b, T, d = x.shape
+            m = self.config.block_size
+            x = (x.view(b, T // m, m, d) + self.slot_emb).view(b, T, d)
+        return self.backbone(x, cache)
+
     def hidden(self, tokens: Tensor) -> Tensor:
         """tokens [b, L] -> per-position conditions h [b, L, d] (start-block alignment)."""
         self._check(tokens)
         b, L = tokens.shape
         m = self.config.block_size
-        x = torch.cat([self.start.expand(b, m, -1), self.embed(tokens[:, : L - m])], dim=1)
-        return self.backbone(x)
+        x = torch.cat([self.start.expand(b, m, -1), self.embed_blocks(tokens[:, : L - m])], dim=1)
+        return self.run_backbone(x)
 
     def conditions(self, tokens: Tensor) -> Tensor:
         """The per-slot head conditions of every target block: [b, L/m, m, d]."""
@@ -121,6 +173,13 @@ class BitLM(nn.Module):
         words = self.codec.to_codewords(tokens).reshape(b * N, m).repeat(r, 1)  # [R, m]
         R, dev = h.shape[0], h.device
         t = sample_time(cfg, R, dev, generator).to(h.dtype)  # [R]
+        if cfg.known_prefix_prob > 0 and m > 1:
+            # Some blocks get a clean prefix of k in [1, m) slots (t = 0 there): t -> [R, m].
+            k = torch.randint(1, m, (R,), device=dev, generator=generator)
+            k = torch.where(
+                torch.rand(R, device=dev, generator=generator) < cfg.known_prefix_prob, k, 0
+            )
+            t = torch.where(torch.arange(m, device=dev) < k[:, None], 0.0, t[:, None]).to(h.dtype)
         eps = torch.randn((R, m, cfg.num_bits), device=dev, generator=generator, dtype=h.dtype)
         x_t = self.head.noise(words, t, eps)  # (1 - t) x0 + t eps; fused on CUDA
         if self.training and cfg.cond_dropout > 0:
@@ -196,8 +255,8 @@ class BitLM(nn.Module):
         seq = prompt
         cache = KVCache(cfg.n_layers) if use_cache else None
         # Conditions for target block n_full: input blocks [S, data blocks 0..n_full-1].
-        x = torch.cat([self.start.expand(b, m, -1), self.embed(prompt[:, : n_full * m])], 1)
-        h = self.backbone(x, cache)[:, -m:]  # [b, m, d]
+        x = torch.cat([self.start.expand(b, m, -1), self.embed_blocks(prompt[:, : n_full * m])], 1)
+        h = self.run_backbone(x, cache)[:, -m:]  # [b, m, d]
         while seq.shape[1] < total:
             known = known_mask = None
             if rem:
@@ -219,14 +278,40 @@ class BitLM(nn.Module):
             if seq.shape[1] >= total:
                 break
             if use_cache:
-                h = self.backbone(self.embed(block), cache)
+                h = self.run_backbone(self.embed_blocks(block), cache)
             else:
                 n = seq.shape[1] // m
-                x = torch.cat([self.start.expand(b, m, -1), self.embed(seq[:, : n * m])], 1)
-                h = self.backbone(x)[:, -m:]
+                x = torch.cat([self.start.expand(b, m, -1), self.embed_blocks(seq[:, : n * m])], 1)
+                h = self.run_backbone(x)[:, -m:]
         return seq[:, :total]
 
     # ---- teacher-forced evaluation -----------------------------------------------------------
+    def block_log_probs(
+        self, h: Tensor, target: Tensor, chain: bool, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """log p(target slot | context ...) in nats, [R, m], for conditions h [R, m, d] and
+        target ids [R, m]. Softmax head: exact. Diffusion head: the t = 1 prediction read as
+        independent bits P(bit = 1) = (1 + x0_hat)/2, renormalised over the valid codes
+        (method.md section 5); chain=False gives the mean-field factor of every slot at once,
+        chain=True the chain rule p(slot j | context, slots < j), the earlier slots held known
+        (clean, t = 0) as known_prefix_prob trains. Either way a proper distribution."""
+        if not self.is_diffusion:
+            logits = self.head(h).double()  # [R, m, V]
+            return torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
+        R, m, _ = h.shape
+        x1 = torch.randn(R, m, self.config.num_bits, generator=generator).to(h)
+        clean = self.codec.encode(target, h.dtype)  # [R, m, B]
+        slots = torch.arange(m, device=h.device)
+        out = []
+        for j in range(m if chain else 1):
+            known = slots < j  # [m]
+            x = torch.where(known[None, :, None], clean, x1)
+            t = (~known).to(h.dtype).expand(R, m)  # 0 on known slots, 1 elsewhere
+            x0 = self.head(x, t if j else t[:, 0], h)
+            lp = self.codec.mean_field_log_prob((1 + x0.double().clamp(-1, 1)) / 2, target)
+            out.append(lp[:, j] if chain else lp)
+        return torch.stack(out, 1) if chain else out[0]
+
     @torch.no_grad()
     def evaluate(
         self,
@@ -237,9 +322,14 @@ class BitLM(nn.Module):
     ) -> dict[str, Tensor]:
         """Teacher-forced metrics on tokens [b, L] given the true context (method.md section 5).
 
-        Returns sums to aggregate over batches: "tokens", "blocks", "bits_correct",
-        "slot_correct" [m], "blocks_exact", "invalid_codes", "nll_bits" (mean-field bits for the
-        diffusion head, exact cross-entropy for softmax), and "token_correct" [b, L] (bool)."""
+        Every model is decoded twice, the same way: greedy (softmax: argmax; diffusion: the
+        deterministic ODE from x_1 = 0, i.e. temperature 0) and sampled (temperature 1).
+        Returns sums to aggregate over batches: "tokens", "blocks", and per decoding
+        d in (greedy, sampled): "bits_correct_d", "slot_correct_d" [m], "blocks_exact_d",
+        "invalid_codes_d", "token_correct_d" [b, L] (bool); "nll_bits" (exact cross-entropy for
+        softmax heads, the mean-field bound for diffusion), "nll_slot_bits" [m] (its per-slot
+        parts) and "nll_chain_bits" (the chain rule
+        over the slots; equal to nll_bits for softmax heads)."""
         cfg = self.config
         steps = cfg.sample_steps if steps is None else steps
         cfg_scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
@@ -247,37 +337,56 @@ class BitLM(nn.Module):
         b, N, m, d = h.shape
         flat = h.reshape(b * N, m, d)
         target = tokens.reshape(b * N, m)
-        pred, out = self.sample_block(
-            flat,
-            steps=steps,
-            cfg_scale=cfg_scale,
-            temperature=1.0 if self.is_diffusion else 0,
-            generator=generator,
-        )
-        invalid = torch.zeros((), dtype=torch.long)
-        if self.is_diffusion:
-            invalid = (self.codec.bits_to_words(out) >= cfg.vocab_size).sum()
-            # Mean-field: x0_hat at t = 1 estimates E[bits | context].
-            x1 = torch.randn(b * N, m, cfg.num_bits, generator=generator, dtype=h.dtype)
-            x1 = x1.to(h.device)
-            x0 = self.head(x1, torch.ones(b * N, device=h.device, dtype=h.dtype), flat)
-            p_one = (1 + x0.double().clamp(-1, 1)) / 2
-            nll = -self.codec.mean_field_log_prob(p_one, target).sum() / math.log(2)
-        else:
-            nll = F.cross_entropy(out.flatten(0, 1), target.flatten(), reduction="sum")
-            nll = nll / math.log(2)
-        correct = pred == target  # [R, m]
-        bits_ok = self.codec.encode(pred) == self.codec.encode(target)
-        return {
+        out: dict[str, Tensor] = {
             "tokens": torch.tensor(target.numel()),
             "blocks": torch.tensor(b * N),
-            "bits_correct": bits_ok.sum(),
-            "slot_correct": correct.sum(0),
-            "blocks_exact": correct.all(-1).sum(),
-            "invalid_codes": invalid,
-            "nll_bits": nll.double(),
-            "token_correct": correct.view(b, N * m),
         }
+        target_bits = self.codec.encode(target)
+        for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+            pred, x = self.sample_block(
+                flat, steps=steps, cfg_scale=cfg_scale, temperature=temperature, generator=generator
+            )
+            invalid = torch.zeros((), dtype=torch.long)
+            if self.is_diffusion:
+                invalid = (self.codec.bits_to_words(x) >= cfg.vocab_size).sum()
+            correct = pred == target  # [R, m]
+            out[f"bits_correct_{name}"] = (self.codec.encode(pred) == target_bits).sum()
+            out[f"slot_correct_{name}"] = correct.sum(0)
+            out[f"blocks_exact_{name}"] = correct.all(-1).sum()
+            out[f"invalid_codes_{name}"] = invalid
+            out[f"token_correct_{name}"] = correct.view(b, N * m)
+        slot_bits = -self.block_log_probs(flat, target, False, generator).sum(0) / math.log(2)
+        mean_field = slot_bits.sum()
+        out["nll_bits"] = mean_field
+        out["nll_slot_bits"] = slot_bits  # [m]
+        if self.is_diffusion and m > 1:
+            chain = -self.block_log_probs(flat, target, True, generator).sum() / math.log(2)
+        else:
+            chain = mean_field
+        out["nll_chain_bits"] = chain
+        return out
+
+    @torch.no_grad()
+    def condition_gain(
+        self, tokens: Tensor, ts: tuple[float, ...], generator: torch.Generator | None = None
+    ) -> dict[float, tuple[float, float]]:
+        """How much the diffusion head uses the context: per t, its x0-MSE on the blocks of
+        tokens [b, L] with the true conditions and with the null condition (the one condition
+        dropout trains), at the same noise. -> {t: (loss_true, loss_null)}."""
+        h = self.conditions(tokens)
+        b, N, m, d = h.shape
+        flat = h.reshape(b * N, m, d)
+        x0 = self.codec.encode(tokens.reshape(b * N, m), h.dtype)
+        eps = torch.randn(x0.shape, generator=generator).to(h)
+        null = self.head.null_cond.to(h.dtype).expand_as(flat)
+        res = {}
+        for t in ts:
+            tt = torch.full((b * N,), t, dtype=h.dtype, device=h.device)
+            x_t = (1 - t) * x0 + t * eps
+            true_loss = float(((self.head(x_t, tt, flat) - x0) ** 2).mean())
+            null_loss = float(((self.head(x_t, tt, null) - x0) ** 2).mean())
+            res[t] = (true_loss, null_loss)
+        return res
 
     # ---- accounting --------------------------------------------------------------------------
     def num_params(self, part: str = "all") -> int:

@@ -6,6 +6,7 @@ An unknown key or a value of the wrong type is a ``RecipeError`` naming the dott
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -39,10 +40,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -90,11 +91,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise RecipeError(f"{key}={value!r}: must be a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise RecipeError(f"{key}={value!r}: must be a number")
+        if not math.isfinite(value):  # .nan / .inf pass YAML and every range check
+            raise RecipeError(f"{key}={value!r}: must be a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -138,4 +141,4 @@ def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | No
             raise RecipeError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{p}: a recipe must be a mapping at the top level")
-    return from_dict(cls, _merge(data, parse_overrides(overrides)))
+    return from_dict(cls, merge(data, parse_overrides(overrides)))

@@ -70,6 +70,7 @@ class EvalSettings:
     prompt_tokens: int = 16  # prompts are the first tokens of validation rows
     new_tokens: int = 32
     gen_batch: int = 16  # generation throughput at batch 1 and at this batch; the samples
+    ngram_rows: int = 2048  # train rows the reference Kneser-Ney trigram is fitted on (0: none)
     seed: int = 0
 
 
@@ -328,13 +329,17 @@ def evaluate_model(
 
     from ..train.data import Dataset
     from .metrics import (
+        COND_GAIN_TS,
         TeacherForced,
         distinct_n,
         frequency_buckets,
         generation_throughput,
+        ngram_perplexity,
         repetition_rate,
         token_logprobs,
+        unigram_entropy,
     )
+    from .ngram import KneserNey
 
     model.eval()
     ds = Dataset(data_path, split, 0)
@@ -352,6 +357,11 @@ def evaluate_model(
         loss_sum += float(model.loss(x, g)) * x.shape[0]
         tf.add(x, model.evaluate(x, steps=steps, generator=g))
     metrics = {"val/loss": loss_sum / n, **tf.metrics(), "val/rows": float(n)}
+    if model.is_diffusion:
+        g = torch.Generator().manual_seed(settings.seed)
+        gains = model.condition_gain(tokens[: settings.batch_size], COND_GAIN_TS, g)
+        for t, (true, null) in gains.items():
+            metrics[f"head/cond_gain_t{t:g}"] = null - true
 
     # Generation: prompts are the first tokens of validation rows (KV cache, sampling defaults).
     P, new = min(settings.prompt_tokens, ds.manifest.seq_len), settings.new_tokens
@@ -366,6 +376,15 @@ def evaluate_model(
     for k in (1, 2, 3):
         metrics[f"gen/distinct_{k}"] = distinct_n(cont, k)
     metrics["gen/repetition_rate"] = repetition_rate(cont, 4)
+    metrics["gen/unigram_entropy"] = unigram_entropy(cont)
+    if settings.ngram_rows > 0:
+        train = Dataset(data_path, "train", 0)
+        rows = train.read_rows(np.arange(min(settings.ngram_rows, train.num_rows)))
+        ngram = KneserNey(3, vocab_size=V).fit(ds.codec.from_codewords(torch.from_numpy(rows)))
+        metrics["gen/ngram_perplexity"] = ngram_perplexity(ngram, out.tolist(), P)
+        real = ds.codec.from_codewords(torch.from_numpy(ds.read_rows(idx)))[:, : P + new]
+        metrics["gen/ngram_perplexity_real"] = ngram_perplexity(ngram, real.tolist(), P)
+        metrics["gen/unigram_entropy_real"] = unigram_entropy(real[:, P:].tolist())
     ref_lp = None
     if reference is not None:
         reference.eval()

@@ -5,21 +5,29 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..model import BitLM
+from .ngram import KneserNey
 
 __all__ = [
+    "COND_GAIN_TS",
     "TeacherForced",
     "distinct_n",
     "frequency_buckets",
     "generation_throughput",
+    "ngram_perplexity",
     "repetition_rate",
     "token_logprobs",
+    "unigram_entropy",
 ]
+
+COND_GAIN_TS = (0.3, 0.5, 0.7, 0.9, 1.0)  # t at which the head's condition gain is measured
 
 
 def frequency_buckets(tokens: Tensor, vocab_size: int, n_buckets: int = 4) -> Tensor:
@@ -48,28 +56,34 @@ class TeacherForced:
 
     def add(self, tokens: Tensor, out: dict[str, Tensor]) -> None:
         for k, v in out.items():
-            if k != "token_correct":
+            if not k.startswith("token_correct"):
                 v = v.detach().double().cpu()
                 self.sums[k] = self.sums[k] + v if k in self.sums else v
         b = self.bucket_of_id[tokens.cpu()].flatten()
-        ok = out["token_correct"].cpu().flatten().double()
+        ok = out["token_correct_greedy"].cpu().flatten().double()
         self.bucket_total += torch.bincount(b, minlength=self.n_buckets).double()
         self.bucket_correct += torch.bincount(b, weights=ok, minlength=self.n_buckets)
 
     def metrics(self) -> dict[str, float]:
+        """Greedy decoding is the headline (``val/token_accuracy``); ``*_sampled`` is the same
+        at temperature 1. See ``BitLM.evaluate``."""
         s = self.sums
         n, blocks = float(s["tokens"]), float(s["blocks"])
         bpt = float(s["nll_bits"]) / n
         out = {
             "val/bits_per_token": bpt,
             "val/perplexity": 2.0**bpt,
-            "val/bit_accuracy": float(s["bits_correct"]) / (n * self.num_bits),
-            "val/token_accuracy": float(s["slot_correct"].sum()) / n,
-            "val/block_exact_match": float(s["blocks_exact"]) / blocks,
-            "val/invalid_code_rate": float(s["invalid_codes"]) / n,
+            "val/bits_per_token_chain": float(s["nll_chain_bits"]) / n,
         }
         for j in range(self.m):
-            out[f"val/token_accuracy_slot{j}"] = float(s["slot_correct"][j]) / blocks
+            out[f"val/bits_per_token_slot{j}"] = float(s["nll_slot_bits"][j]) / blocks
+        for d, sfx in (("greedy", ""), ("sampled", "_sampled")):
+            out[f"val/bit_accuracy{sfx}"] = float(s[f"bits_correct_{d}"]) / (n * self.num_bits)
+            out[f"val/token_accuracy{sfx}"] = float(s[f"slot_correct_{d}"].sum()) / n
+            out[f"val/block_exact_match{sfx}"] = float(s[f"blocks_exact_{d}"]) / blocks
+            out[f"val/invalid_code_rate{sfx}"] = float(s[f"invalid_codes_{d}"]) / n
+            for j in range(self.m):
+                out[f"val/token_accuracy{sfx}_slot{j}"] = float(s[f"slot_correct_{d}"][j]) / blocks
         for k in range(self.n_buckets):
             tot = float(self.bucket_total[k])
             if tot > 0:
@@ -88,17 +102,27 @@ def token_logprobs(model: BitLM, tokens: Tensor, generator: torch.Generator | No
     x = torch.cat([tokens, tokens.new_zeros(b, pad)], 1) if pad else tokens
     h = model.conditions(x)  # [b, N, m, d]
     n_blocks = h.shape[1]
-    flat = h.reshape(b * n_blocks, m, -1)
-    target = x.reshape(b * n_blocks, m)
-    if model.is_diffusion:
-        cfg = model.config
-        x1 = torch.randn(b * n_blocks, m, cfg.num_bits, generator=generator).to(h)
-        x0 = model.head(x1, torch.ones(b * n_blocks, dtype=h.dtype, device=h.device), flat)
-        lp = model.codec.mean_field_log_prob((1 + x0.double().clamp(-1, 1)) / 2, target)
-    else:
-        logits = model.head(flat).double()  # [R, m, V]
-        lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
+    lp = model.block_log_probs(
+        h.reshape(b * n_blocks, m, -1), x.reshape(b * n_blocks, m), False, generator
+    )
     return lp.reshape(b, -1)[:, :L].float()
+
+
+def ngram_perplexity(ref: KneserNey, seqs: Sequence[Sequence[int]], skip: int) -> float:
+    """Perplexity under the reference n-gram of every token after the first ``skip`` of each
+    sequence (the prompt is context, not scored)."""
+    lp = np.concatenate([ref.sequence_logprobs(s)[skip:] for s in seqs])
+    return float(np.exp(-lp.mean()))
+
+
+def unigram_entropy(seqs: Iterable[Sequence[int]]) -> float:
+    """Entropy in bits of the token frequencies over all of ``seqs`` (a mode-collapse guard:
+    compare with real text of the same length)."""
+    c = np.array(list(Counter(t for s in seqs for t in s).values()), dtype=np.float64)
+    if c.size == 0:
+        return 0.0
+    p = c / c.sum()
+    return float(-(p * np.log2(p)).sum())
 
 
 def distinct_n(samples: Sequence[Sequence[int]], n: int) -> float:

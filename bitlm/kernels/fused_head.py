@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..head import slot_attention, timestep_embedding
+from ..codec import words_to_bits
+from ..diffusion import diffusion_loss
+from ..head import slot_attention
 from .bits import noise_bits, repair_words
 from .loss import fused_bit_loss
 from .mlp import adaln_mlp, linear_gated_residual, ln_modulate
@@ -38,14 +39,13 @@ def fused_forward(
     x_sc: Tensor | None = None,
     squash: bool = True,
 ) -> Tensor:
-    """Same as DiffusionHead.forward. x_t [R, m, B], t [R], h [R, m, d] -> [R, m, B]
+    """Same as DiffusionHead.forward. x_t [R, m, B], t [R] or [R, m], h [R, m, d] -> [R, m, B]
     (pre-squash when squash=False)."""
     cfg = head.cfg
     if cfg.self_conditioning:
         x_t = torch.cat([x_t, torch.zeros_like(x_t) if x_sc is None else x_sc], dim=-1)
-    temb = head.t_mlp(timestep_embedding(t).to(h.dtype))  # [R, W]
-    y = F.silu(head.cond_proj(h) + temb[:, None, :])  # [R, m, W]
-    z = head.in_proj(x_t) + head.slot_pos  # [R, m, W]
+    y = head.condition(h, t)  # [R, m, W]
+    z = head.tokens(x_t, h)  # [R, m, W]
     R, m, W = z.shape
     for blk in head.blocks:
         s1, c1, g1, s2, c2, g2 = blk.ada(y).chunk(6, dim=-1)  # views [R, m, W]
@@ -74,6 +74,10 @@ def fused_loss(
 ) -> Tensor:
     """Head forward + the fused loss (kernel (c)); the clean bits come from words [R, m]."""
     out = fused_forward(head, x_t, t, h, x_sc, squash=False)
+    if head.cfg.loss == "bit_ce" or t.dim() != 1:
+        x0 = words_to_bits(words, x_t.shape[-1], out.dtype)
+        pred = out if head.cfg.loss == "bit_ce" or not head.cfg.head_squash else torch.tanh(out)
+        return diffusion_loss(pred, x0, x_t, t, head.cfg.loss)
     return fused_bit_loss(out, words, t, squash=head.cfg.head_squash, kind=head.cfg.loss)
 
 

@@ -577,6 +577,7 @@ def _evaluate(recipe, engine, man, codec, step, rank, world, device, tracker) ->
             with contextlib.suppress(DataError):  # e.g. an empty val split: no eval loss
                 ev = Dataset(recipe.data.path, recipe.data.eval_split, recipe.data.seed)
         total = torch.zeros(2, device=device)
+        gains: dict[str, float] = {}
         gathered = contextlib.nullcontext()
         if recipe.zero_stage == 3:
             gathered = _import_deepspeed().zero.GatheredParameters(
@@ -593,6 +594,9 @@ def _evaluate(recipe, engine, man, codec, step, rank, world, device, tracker) ->
                     gen.manual_seed(noise_seed(recipe.seed + 1, b, rank, 0))
                     total[0] += model.loss(toks, gen).float()
                     total[1] += 1
+                    if b == 0 and model.is_diffusion:  # how much the head uses the context
+                        for t, (true, null) in model.condition_gain(toks, (0.5, 0.9), gen).items():
+                            gains[f"eval/cond_gain_t{t:g}"] = null - true
             if world > 1:
                 dist.all_reduce(total)
             if rank == 0 and recipe.eval.num_samples and ev is not None:
@@ -605,7 +609,7 @@ def _evaluate(recipe, engine, man, codec, step, rank, world, device, tracker) ->
                 if tracker is not None:
                     tracker.log_text(text, f"samples/step_{step:08d}.txt")
         if tracker is not None and total[1] > 0:
-            tracker.log_metrics({"eval/loss": float(total[0] / total[1])}, step)
+            tracker.log_metrics({"eval/loss": float(total[0] / total[1]), **gains}, step)
     finally:
         model.train()
 

@@ -52,7 +52,7 @@ def test_phrases_block_exact_match() -> None:
     g = torch.Generator().manual_seed(123)  # held-out: fresh phrase orders
     tokens = data.sample(64, 48, g)
     r = model.evaluate(tokens, generator=g)
-    blocks = r["token_correct"].view(64, -1, 4).all(-1)  # [b, N]
+    blocks = r["token_correct_sampled"].view(64, -1, 4).all(-1)  # [b, N]
     mask = data.determined_blocks(48, 4)
     exact = blocks[:, mask].float().mean().item()
     print(f"phrases: teacher-forced block exact match {exact:.3f} on determined blocks")

@@ -50,7 +50,7 @@ def test_m1_attention_equals_standard_causal() -> None:
 @pytest.mark.parametrize("m", [1, 4])
 def test_conditions_are_block_causal(m: int) -> None:
     torch.manual_seed(0)
-    model = BitLM(tiny(block_size=m)).eval()
+    model = BitLM(tiny(block_size=m, slot_embedding=True, input_block_order="reversed")).eval()
     L = 6 * m
     tokens = torch.randint(0, 50, (2, L))
     h = model.conditions(tokens)  # [b, N, m, d]
@@ -65,10 +65,14 @@ def test_conditions_are_block_causal(m: int) -> None:
 
 
 @pytest.mark.parametrize("P", [0, 3, 4, 7, 8])
-@pytest.mark.parametrize("head", ["diffusion", "softmax"])
+@pytest.mark.parametrize("head", ["diffusion", "softmax", "slot_embedding", "reversed"])
 def test_kv_cache_equals_recomputation(P: int, head: str) -> None:
     torch.manual_seed(0)
-    model = BitLM(tiny(output_head=head)).double().eval()
+    kw = {
+        "slot_embedding": dict(slot_embedding=True),
+        "reversed": dict(input_block_order="reversed", input="bit_groups"),
+    }.get(head, dict(output_head=head))
+    model = BitLM(tiny(**kw)).double().eval()
     prompt = torch.randint(0, 50, (3, P))
     outs = []
     for use_cache in (True, False):
@@ -98,12 +102,17 @@ def test_evaluate_reports_metrics() -> None:
     tokens = torch.randint(0, 50, (2, 16))
     r = model.evaluate(tokens, steps=3)
     assert int(r["tokens"]) == 32 and int(r["blocks"]) == 8
-    assert r["slot_correct"].shape == (4,)
-    assert 0 <= int(r["bits_correct"]) <= 32 * 6
-    assert 0 <= int(r["invalid_codes"]) <= 32
+    for d in ("greedy", "sampled"):
+        assert r[f"slot_correct_{d}"].shape == (4,)
+        assert 0 <= int(r[f"bits_correct_{d}"]) <= 32 * 6
+        assert 0 <= int(r[f"invalid_codes_{d}"]) <= 32
+        assert r[f"token_correct_{d}"].shape == (2, 16)
     # An untrained head predicts ~0 = p 0.5 per bit: about B bits per token, renormalised.
     assert 4.0 < float(r["nll_bits"]) / 32 < 7.0
-    assert r["token_correct"].shape == (2, 16)
+    assert 4.0 < float(r["nll_chain_bits"]) / 32 < 7.0
+    # Greedy decoding is deterministic: the same result under any generator.
+    r2 = model.evaluate(tokens, steps=3, generator=torch.Generator().manual_seed(99))
+    assert torch.equal(r["token_correct_greedy"], r2["token_correct_greedy"])
 
 
 @pytest.mark.parametrize("kw", [dict(self_conditioning=True), dict(output_head="softmax")])
