@@ -96,6 +96,10 @@ class FailureConfig:
     spike_ratio: float = 0.0  # loss > spike_ratio * EMA(loss) stops the run; 0 disables
     spike_warmup_steps: int = 50  # steps before the spike guard arms
     spike_ema: float = 0.9
+    # Steps whose loss or gradients are NaN/inf: DeepSpeed skips their update (the weights stay
+    # finite); each is counted and logged (metric nonfinite_steps). This many in a row stop the
+    # run (no retry); 0: never stop. A single bad batch is skipped, a diverged run stops.
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -103,6 +107,7 @@ class TestHooks:
     """Fault injection and tracing for tests; all off by default."""
 
     nan_at_step: int = 0  # make the loss NaN at this step (1-based); 0: off
+    nan_grad_steps: list[int] = field(default_factory=list)  # NaN gradients, finite loss
     kill_rank: int = -1  # SIGKILL this rank ...
     kill_at_step: int = 0  # ... before this step, on an attempt that started from scratch
     index_log: str = ""  # directory: each rank appends its consumed sample indices (JSONL)
@@ -204,6 +209,8 @@ class TrainRecipe:
             raise bad("failure.spike_ratio", "must be >= 0 (0 disables)")
         if not 0 < self.failure.spike_ema < 1:
             raise bad("failure.spike_ema", "must be in (0, 1)")
+        if self.failure.max_nonfinite_steps < 0:
+            raise bad("failure.max_nonfinite_steps", "must be >= 0 (0: never stop)")
         e = self.eval
         if e.every_steps < 0 or e.batches < 1 or e.num_samples < 0:
             raise bad("eval", "every_steps >= 0, batches >= 1, num_samples >= 0")

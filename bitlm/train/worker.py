@@ -5,6 +5,10 @@ and the batch from the data position, so a resumed run recomputes exactly what a
 run would. Fatal conditions (NaN/inf loss, loss spike, changed data) are not exceptions for
 Ray's retry logic: every rank stops at the same step, rank 0 writes ``_fatal.json`` into the
 run folder, and the driver raises ``TrainingAborted`` (see launch.py).
+
+Non-finite steps (a NaN/inf loss or gradient norm) are not fatal by themselves: DeepSpeed skips
+their update, so the weights stay finite; ``NonFiniteGuard`` counts them (logged as
+``nonfinite_steps``) and stops the run after ``failure.max_nonfinite_steps`` in a row.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ log = logging.getLogger("bitlm.train")
 __all__ = [
     "FatalTrainingError",
     "LocalSession",
+    "NonFiniteGuard",
     "RaySession",
     "deepspeed_config",
     "lr_at",
@@ -50,7 +55,55 @@ FATAL_FILE = "_fatal.json"
 
 
 class FatalTrainingError(RuntimeError):
-    """Stops the run at once with no retry (NaN/inf, loss spike, changed data)."""
+    """Stops the run at once with no retry (non-finite steps, loss spike, changed data)."""
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: the test hook for a finite loss with NaN gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts optimizer steps whose loss or gradients were NaN/inf (``total``, and ``streak``
+    in a row) and stops the run at ``limit`` in a row (0: never). Every rank sees the same
+    all-reduced values, so every rank stops at the same step."""
+
+    limit: int
+    total: int = 0
+    streak: int = 0
+
+    def update(self, step: int, loss: float, grad_norm: float, skipped: bool) -> bool:
+        """True if step ``step`` was non-finite (``skipped``: DeepSpeed did not apply its
+        update); raises FatalTrainingError at the limit, or when DeepSpeed applied an update
+        whose gradients were not finite."""
+        bad = skipped or not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not bad:
+            self.streak = 0
+            return False
+        self.total += 1
+        self.streak += 1
+        what = f"loss {loss:.4g}, grad norm {grad_norm:.4g}"
+        if not skipped and not math.isfinite(grad_norm):
+            raise FatalTrainingError(
+                f"step {step}: DeepSpeed applied an update with non-finite gradients ({what}): "
+                "the weights are no longer finite; stopping (no retry), resume from the last "
+                "checkpoint"
+            )
+        if self.limit and self.streak >= self.limit:
+            raise FatalTrainingError(
+                f"{self.streak} steps in a row with a non-finite loss or gradients (last: step "
+                f"{step}, {what}; {self.total} in this run); failure.max_nonfinite_steps="
+                f"{self.limit}: stopping (no retry)"
+            )
+        return True
 
 
 # ---- pure helpers ----------------------------------------------------------------------------
@@ -318,6 +371,7 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
 
     # ---- resume ----
     step, tokens_seen = 0, 0
+    nonfinite = NonFiniteGuard(recipe.failure.max_nonfinite_steps)
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
             state = json.loads((Path(ckpt) / STATE_FILE).read_text())
@@ -338,6 +392,8 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             rng = torch.load(Path(ckpt) / "rng" / f"rank_{rank}.pt", weights_only=True)
             torch.set_rng_state(rng["torch"])
             step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+            nonfinite.total = int(state.get("nonfinite_steps", 0))
+            nonfinite.streak = int(state.get("nonfinite_streak", 0))
             log.info("rank %d: resumed from step %d (%s)", rank, step, ckpt)
     started_from_scratch = step == 0
     if rank == 0:
@@ -423,24 +479,50 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
                 loss = engine(mb, gen)
                 if recipe.test.nan_at_step and step + 1 == recipe.test.nan_at_step:
                     loss = loss * float("nan")
+                if step + 1 in recipe.test.nan_grad_steps:
+                    loss = _NanGrad.apply(loss)
                 engine.backward(loss)
                 engine.step()
                 loss_sum += loss.detach().float()
+            applied = bool(engine.was_step_applied())  # False: DeepSpeed skipped a NaN/inf step
             step += 1
             tokens_seen += tokens_per_step
-            stats = torch.stack([loss_sum / accum, torch.tensor(t_data, device=device)])
+            stats = torch.tensor(
+                [float(loss_sum) / accum, t_data, 0.0 if applied else 1.0], device=device
+            )
             if world > 1:
                 dist.all_reduce(stats)
                 stats /= world
-            loss_val = float(stats[0])
+            loss_val, skipped = float(stats[0]), float(stats[2]) > 0
             gn = engine.get_global_grad_norm()
             grad_norm = float(gn) if gn is not None else float("nan")
-            _guard(recipe, step, loss_val, ema)
-            ema = (
-                loss_val
-                if ema is None
-                else recipe.failure.spike_ema * ema + (1 - recipe.failure.spike_ema) * loss_val
-            )
+            try:
+                bad = nonfinite.update(step, loss_val, grad_norm, skipped)
+            finally:
+                if tracker is not None and nonfinite.streak:  # at once, not every log_every
+                    tracker.log_metrics(
+                        {
+                            "nonfinite_steps": float(nonfinite.total),
+                            "nonfinite_streak": float(nonfinite.streak),
+                        },
+                        step,
+                    )
+            if bad:
+                if rank == 0:
+                    log.warning(
+                        "step %d: non-finite loss or gradients (loss %.4g, grad norm %.4g): "
+                        "update skipped (%d in a row, %d in this run; the run stops at %s)",
+                        step,
+                        loss_val,
+                        grad_norm,
+                        nonfinite.streak,
+                        nonfinite.total,
+                        nonfinite.limit or "never",
+                    )
+            else:
+                _guard(recipe, step, loss_val, ema)
+                a = recipe.failure.spike_ema
+                ema = loss_val if ema is None else a * ema + (1 - a) * loss_val
             dt = time.perf_counter() - t0
             win["t"] += dt
             win["data"] += t_data
@@ -460,6 +542,8 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
                     "time/step_s": win["t"] / win["steps"],
                     "progress/pct_steps": 100.0 * step / recipe.steps,
                 }
+                if not nonfinite.streak:  # else logged at once above
+                    metrics["nonfinite_steps"] = float(nonfinite.total)
                 if rank == 0 and step % recipe.log_every == 0:
                     log.info(
                         "step %d/%d loss %.4f gnorm %.3f lr %.2e tok/s/dev %.0f mfu %.2f%%",
@@ -486,7 +570,7 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             if world > 1:
                 dist.broadcast(flag, 0)  # rank 0's clock decides the time policy
             if flag.item():
-                _save(recipe, engine, session, data, step, tokens_seen, loss_val, rank)
+                _save(recipe, engine, session, data, step, tokens_seen, loss_val, rank, nonfinite)
                 last_ckpt_time = time.monotonic()
     except FatalTrainingError:
         if tracker is not None:
@@ -501,8 +585,9 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
 
 
 def _guard(recipe: TrainRecipe, step: int, loss: float, ema: float | None) -> None:
+    """The loss-spike guard (finite losses; non-finite steps are NonFiniteGuard's)."""
     if not math.isfinite(loss):
-        raise FatalTrainingError(f"loss is {loss} at step {step}: stopping (no retry)")
+        return
     f = recipe.failure
     if (
         f.spike_ratio
@@ -516,10 +601,21 @@ def _guard(recipe: TrainRecipe, step: int, loss: float, ema: float | None) -> No
         )
 
 
-def _save(recipe, engine, session, data, step, tokens_seen, loss, rank) -> None:
+def _save(recipe, engine, session, data, step, tokens_seen, loss, rank, nonfinite) -> None:
     """Every rank writes its DeepSpeed shard + RNG state; rank 0 adds the run state, recipe,
     tokenizer and code table. Ray merges the ranks' folders into one checkpoint."""
-    probe = probe_loss(engine.module, data, recipe)  # collective under ZeRO-3
+    gathered = contextlib.nullcontext()
+    if recipe.zero_stage == 3:  # model.loss reads top-level parameters directly: gather them
+        gathered = _import_deepspeed().zero.GatheredParameters(
+            list(engine.module.parameters()), modifier_rank=None
+        )
+    with gathered:
+        probe = probe_loss(engine.module, data, recipe)  # collective under ZeRO-3
+    if not math.isfinite(probe):  # the same on every rank: all stop, nothing corrupt is saved
+        raise FatalTrainingError(
+            f"step {step}: the weights are no longer finite (probe loss {probe}); no checkpoint "
+            "written; stopping (no retry)"
+        )
     tmp = tempfile.mkdtemp(prefix=f"bitlm-ckpt-{step}-r{rank}-")
     try:
         engine.save_checkpoint(tmp, tag=DS_TAG)
@@ -536,6 +632,8 @@ def _save(recipe, engine, session, data, step, tokens_seen, loss, rank) -> None:
                 "zero_stage": recipe.zero_stage,
                 "run_name": session.run_name,
                 "probe_loss": probe,
+                "nonfinite_steps": nonfinite.total,
+                "nonfinite_streak": nonfinite.streak,
                 "time": time.time(),
             }
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state, indent=1))

@@ -1,7 +1,7 @@
 """Ray Train + DeepSpeed runs with 2 workers (each fit costs ~15-20 s on 2 cores).
 
 Point 1 (ZeRO-1 here; ZeRO-2 in test_mlflow_server, ZeRO-3 in test_s3), 2 (exact resume),
-3 (SIGKILL a worker), 4 (NaN guard)."""
+3 (SIGKILL a worker), 4 (NaN guard: failure.max_nonfinite_steps=1 stops at the first)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_zero1_trains_and_resumes_bit_identically(ray_local, tiny_data, tmp_path
 
 def test_nan_stops_without_retry(ray_local, tiny_data, tmp_path, mlflow_uri):
     log_dir = tmp_path / "idx"
-    with pytest.raises(TrainingAborted, match="loss is nan at step 2"):
+    with pytest.raises(TrainingAborted, match="1 steps in a row with a non-finite loss"):
         train(
             tiny_data,
             tmp_path / "runs",
@@ -62,6 +62,7 @@ def test_nan_stops_without_retry(ray_local, tiny_data, tmp_path, mlflow_uri):
             "zero_stage=2",
             "steps=6",
             "failure.max_failures=2",
+            "failure.max_nonfinite_steps=1",  # stop at the first (default: 10 in a row)
             "test.nan_at_step=2",
             f"test.index_log={log_dir}",
         )
@@ -75,7 +76,7 @@ def test_nan_stops_without_retry(ray_local, tiny_data, tmp_path, mlflow_uri):
         [c.get_experiment_by_name("bitlm-pretrain").experiment_id], "tags.mlflow.runName = 'nan'"
     )[0]
     assert run.info.status == "FAILED"
-    assert "loss is nan" in run.data.tags["error"]
+    assert "last: step 2, loss nan" in run.data.tags["error"]
 
 
 def test_killed_worker_resumes_without_losing_or_repeating_samples(
