@@ -17,7 +17,13 @@ from pathlib import Path
 
 from .config import TrainRecipe
 from .data import DataError, Manifest, open_fs
-from .tracking import default_tracking_uri, find_or_create_run, set_final_status
+from .tracking import (
+    default_tracking_uri,
+    describe_changes,
+    find_or_create_run,
+    set_final_status,
+    sync_params,
+)
 from .worker import FATAL_FILE, RunInfo, newest_complete_checkpoint, train_worker
 
 log = logging.getLogger("bitlm.train")
@@ -129,20 +135,13 @@ def run(recipe: TrainRecipe) -> RunResult:
     run_dir = f"{root}/{name}"
     _read_fatal(recipe, name, remove=True)
 
-    tracking_uri = run_id = None
-    if recipe.mlflow.enabled:
-        tracking_uri = default_tracking_uri(recipe.storage_path)
-        try:
-            run_id = find_or_create_run(
-                tracking_uri,
-                recipe.mlflow.experiment,
-                name,
-                {"data_fingerprint": man.fingerprint(recipe.data.split)},
-            )
-        except Exception as e:
-            log.warning("MLflow unreachable at start (%s); rank 0 will retry", type(e).__name__)
-
-    info = RunInfo(recipe=recipe.to_dict(), tracking_uri=tracking_uri, mlflow_run_id=run_id)
+    tracking_uri, run_id, synced = _start_tracking(recipe, man)
+    info = RunInfo(
+        recipe=recipe.to_dict(),
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+        params_synced=synced,
+    )
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=asdict(info),
@@ -188,6 +187,41 @@ def run(recipe: TrainRecipe) -> RunResult:
         auto_eval.wait()
     ckpt = latest_checkpoint(run_dir) if result.checkpoint is not None else None
     return RunResult(name, run_dir, ckpt, run_id, tracking_uri)
+
+
+def _start_tracking(recipe: TrainRecipe, man: Manifest) -> tuple[str | None, str | None, bool]:
+    """(tracking URI, MLflow run id, params synced): the run named like the Ray Train run,
+    found or created, with the recipe's params; a relaunch with changed values says so (MLflow
+    params are immutable: the changes become tags ``changed.<key>``). MLflow trouble is a
+    warning: rank 0 retries."""
+    if not recipe.mlflow.enabled:
+        return None, None, False
+    tracking_uri = default_tracking_uri(recipe.storage_path)
+    try:
+        run_id = find_or_create_run(
+            tracking_uri,
+            recipe.mlflow.experiment,
+            recipe.name,
+            {"data_fingerprint": man.fingerprint(recipe.data.split)},
+        )
+    except Exception as e:
+        log.warning("MLflow unreachable at start (%s); rank 0 will retry", type(e).__name__)
+        return tracking_uri, None, False
+    try:
+        from mlflow.tracking import MlflowClient
+
+        changed = sync_params(MlflowClient(tracking_uri), run_id, recipe.flat_params())
+    except Exception as e:
+        log.warning("MLflow: params not logged at start (%s); rank 0 will retry", type(e).__name__)
+        return tracking_uri, run_id, False
+    if changed:
+        log.warning(
+            "run %s relaunched with changed params (MLflow keeps the first value of a param; "
+            "each change is the tag changed.<key>): %s",
+            recipe.name,
+            describe_changes(changed),
+        )
+    return tracking_uri, run_id, True
 
 
 def _start_auto_eval(recipe: TrainRecipe, run_dir: str, tracking_uri, run_id):

@@ -2,8 +2,17 @@
 
 The driver finds or creates the run whose ``run_name`` equals the Ray Train run name (so a
 relaunch logs into the same run) and sets the final status (FINISHED or FAILED). Rank 0 logs
-through ``RunLogger``: every call is queued and a background thread sends it; when the server is
-unreachable it warns once, keeps the queue, and catches up when the server returns.
+through ``RunLogger``: every call is queued and a background thread sends it.
+
+Failures are told apart by asking the server: when a call fails and the server does not answer
+either, the server is down (warn once, keep everything, catch up when it returns: transient);
+when the server answers, the call itself is bad: a 4xx (a changed param, a bad metric name, a
+deleted run) is dropped at once, anything else (a broken artifact store answering 500) after
+``MAX_ATTEMPTS`` tries; each is dropped with one warning and never holds up the calls behind it.
+
+MLflow params are immutable, so a relaunch with changed values cannot log them: ``sync_params``
+logs the new keys, records each changed one as a tag ``changed.<key>`` = ``"<first> -> <now>"``
+and returns the changes, which the driver prints.
 """
 
 from __future__ import annotations
@@ -20,7 +29,63 @@ from typing import Any
 
 log = logging.getLogger("bitlm.train")
 
-__all__ = ["RunLogger", "default_tracking_uri", "find_or_create_run", "set_final_status"]
+__all__ = [
+    "MAX_ATTEMPTS",
+    "RunLogger",
+    "default_tracking_uri",
+    "describe_changes",
+    "find_or_create_run",
+    "is_permanent",
+    "set_final_status",
+    "sync_params",
+]
+
+MAX_ATTEMPTS = 3  # tries of a call that fails while the server answers other requests
+PARAM_LIMIT = 6000  # MLflow's longest param value
+CHANGED_TAG = "changed."
+
+
+def _http_status(e: BaseException) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        return e.get_http_status_code()
+    return getattr(getattr(e, "response", None), "status_code", None)
+
+
+def is_permanent(e: BaseException) -> bool:
+    """A 4xx answer (bad request, conflict, not found, forbidden): retrying cannot help.
+    Timeouts (408) and rate limits (429) are transient."""
+    status = _http_status(e)
+    return status is not None and 400 <= status < 500 and status not in (408, 429)
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def sync_params(client: Any, run_id: str, params: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Log the params the run does not have yet; a param logged before with another value
+    (a relaunch with a changed recipe) becomes the tag ``changed.<key>`` = ``"old -> new"``.
+    Returns {key: (logged value, new value)} of the changed ones."""
+    from mlflow.entities import Param, RunTag
+
+    logged = client.get_run(run_id).data.params
+    values = {k: str(v)[:PARAM_LIMIT] for k, v in params.items()}
+    new = [Param(k, v) for k, v in values.items() if k not in logged]
+    changed = {k: (logged[k], v) for k, v in values.items() if k in logged and logged[k] != v}
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i : i + 100])
+    tags = [
+        RunTag(f"{CHANGED_TAG}{k}", f"{a} -> {b}"[:PARAM_LIMIT]) for k, (a, b) in changed.items()
+    ]
+    for i in range(0, len(tags), 100):
+        client.log_batch(run_id, tags=tags[i : i + 100])
+    return changed
+
+
+def describe_changes(changed: dict[str, tuple[str, str]]) -> str:
+    return "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items()))
 
 
 def _quick_http() -> None:
@@ -93,10 +158,24 @@ def set_final_status(
             client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
             return
         except Exception as e:
-            if time.monotonic() > deadline:
+            if is_permanent(e) or time.monotonic() > deadline:
                 log.warning("MLflow: could not set the final status of run %s: %s", run_id, e)
                 return
             time.sleep(1.0)
+
+
+class _Call:
+    """One queued MLflow call: what it is (for the warning) and how often it failed while the
+    server was answering."""
+
+    __slots__ = ("attempts", "fn", "what")
+
+    def __init__(self, what: str, fn: Callable[[], Any]) -> None:
+        self.what, self.fn, self.attempts = what, fn, 0
+
+
+class _Down(Exception):
+    """The tracking server does not answer: keep everything and wait."""
 
 
 class RunLogger:
@@ -121,22 +200,42 @@ class RunLogger:
         self.run_id = run_id
         self._system_metrics = system_metrics
         self._monitor = None
-        self._q: queue.Queue[Callable[[], Any] | None] = queue.Queue()
-        self._pending: list[Callable[[], Any]] = []
+        self._q: queue.Queue[_Call | None] = queue.Queue()
+        self._pending: list[_Call] = []
         self._warned = False
         self._down = False
+        self.dropped: list[tuple[str, str]] = []  # (call, reason) of every dropped call
+        self._told: set[tuple[str, str]] = set()
+        self.changed: dict[str, tuple[str, str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlflow-logger", daemon=True)
         self._thread.start()
 
     # ---- public API (never raises) -----------------------------------------------------------
     def log_params(self, params: dict[str, str]) -> None:
+        """Log params as they are (a value that differs from a logged one is a 400: dropped)."""
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, str(v)[:PARAM_LIMIT]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             chunk = items[i : i + 100]
-            self._put(lambda c=chunk: self._client.log_batch(self.run_id, params=c))
+            self._put("log_params", lambda c=chunk: self._client.log_batch(self.run_id, params=c))
+
+    def sync_params(self, params: dict[str, str], announce: bool = True) -> None:
+        """``sync_params`` in the background: new keys logged, changed ones tagged (and,
+        with ``announce``, one warning naming them)."""
+
+        def send() -> None:
+            self.changed = sync_params(self._client, self.run_id, params)
+            if self.changed and announce:
+                log.warning(
+                    "MLflow run %s: params changed since the first launch (kept as tags "
+                    "changed.<key>): %s",
+                    self._run_name,
+                    describe_changes(self.changed),
+                )
+
+        self._put("sync_params", send)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import math
@@ -146,17 +245,23 @@ class RunLogger:
         ts = int(time.time() * 1000)
         ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if math.isfinite(v)]
         if ms:
-            self._put(lambda: self._client.log_batch(self.run_id, metrics=ms))
+            self._put(
+                f"log_metrics(step {step})",
+                lambda: self._client.log_batch(self.run_id, metrics=ms),
+            )
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._put(lambda: self._client.log_text(self.run_id, text, artifact_file))
+        self._put(
+            f"log_text({artifact_file})",
+            lambda: self._client.log_text(self.run_id, text, artifact_file),
+        )
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self._put(lambda k=k, v=v: self._client.set_tag(self.run_id, k, v))
+            self._put(f"set_tag({k})", lambda k=k, v=v: self._client.set_tag(self.run_id, k, v))
 
     def close(self, timeout_s: float) -> bool:
-        """Flush (waiting at most timeout_s); True if everything was sent."""
+        """Flush (waiting at most timeout_s); True if everything was sent or dropped."""
         self._q.put(None)
         self._thread.join(timeout_s)
         self._stop.set()
@@ -166,11 +271,13 @@ class RunLogger:
         done = not self._pending and self._q.empty()
         if not done:
             log.warning("MLflow: %d logging calls could not be sent", len(self._pending))
+        if self.dropped:
+            log.warning("MLflow: %d logging calls were dropped in all", len(self.dropped))
         return done
 
     # ---- background sender -------------------------------------------------------------------
-    def _put(self, fn: Callable[[], Any]) -> None:
-        self._q.put(fn)
+    def _put(self, what: str, fn: Callable[[], Any]) -> None:
+        self._q.put(_Call(what, fn))
 
     def _ensure_run(self) -> None:
         if self.run_id is None:
@@ -186,6 +293,60 @@ class RunLogger:
                 tracking_uri=self._uri,
             )
             self._monitor.start()
+
+    def _answers(self) -> bool:
+        """Does the tracking server answer at all? (Twice: a failed upload can leave a reset
+        connection in the pool, which only the first request after it finds.)"""
+        for _ in range(2):
+            try:
+                self._client.search_experiments(max_results=1)
+                return True
+            except Exception:
+                continue
+        return False
+
+    def _drop(self, call: _Call, e: BaseException) -> None:
+        reason = _reason(e)
+        self.dropped.append((call.what, reason))
+        kind = (call.what.split("(", 1)[0], reason[:120])
+        if kind in self._told:  # one warning per kind of failure, not one per step
+            log.debug("MLflow: dropped %s: %s", call.what, reason)
+            return
+        self._told.add(kind)
+        log.warning(
+            "MLflow: dropped %s after %d attempt(s), the calls behind it go on: %s",
+            call.what,
+            call.attempts,
+            reason,
+        )
+
+    def _send(self) -> None:
+        """Send what is pending, in order; raises _Down (keeping the rest) when the server is
+        down. A call that fails while the server answers is dropped (4xx) or kept for a later
+        round (at most MAX_ATTEMPTS tries), behind the others."""
+        try:
+            self._ensure_run()
+        except Exception as e:
+            raise _Down(e) from e
+        retry: list[_Call] = []
+        while self._pending:
+            call = self._pending.pop(0)
+            try:
+                call.fn()
+            except Exception as e:
+                if is_permanent(e):
+                    call.attempts += 1
+                    self._drop(call, e)
+                    continue
+                if not self._answers():
+                    self._pending[:0] = [*retry, call]
+                    raise _Down(e) from e
+                call.attempts += 1
+                if call.attempts >= MAX_ATTEMPTS:
+                    self._drop(call, e)
+                else:
+                    retry.append(call)
+        self._pending = retry
 
     def _loop(self) -> None:
         closing = False
@@ -205,19 +366,16 @@ class RunLogger:
                 else:
                     self._pending.append(nxt)
             try:
-                self._ensure_run()
-                while self._pending:
-                    self._pending[0]()
-                    self._pending.pop(0)
+                self._send()
                 if self._down:
                     log.warning("MLflow: server reachable again, logging caught up")
                     self._down = False
-            except Exception as e:
+            except _Down as e:
                 self._down = True
                 if not self._warned:
                     log.warning(
                         "MLflow unreachable (%s); training goes on, logging will catch up",
-                        type(e).__name__,
+                        type(e.__cause__).__name__,
                     )
                     self._warned = True
                 if self._stop.wait(2.0):

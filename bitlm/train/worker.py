@@ -294,6 +294,7 @@ class RunInfo:
     recipe: dict[str, Any]
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    params_synced: bool = False  # the driver logged the params and said what changed
 
 
 def _device(recipe: TrainRecipe) -> torch.device:
@@ -415,8 +416,9 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             run_name=session.run_name,
             system_metrics=recipe.mlflow.system_metrics,
         )
+        # Every launch: a relaunch may add keys (a newer recipe) or change values (tags).
+        tracker.sync_params(recipe.flat_params(), announce=not run.params_synced)
         if started_from_scratch:
-            tracker.log_params(recipe.flat_params())
             tracker.log_text(recipe.to_yaml(), "recipe.yaml")
             tracker.log_text(man.tokenizer_json(), "tokenizer.json")
             tracker.log_text(table.to_json(), "code_table.json")
