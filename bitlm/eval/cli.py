@@ -39,6 +39,20 @@ def _fail(prog: str, e: BaseException) -> None:
     print(f"{prog}: error: {e}".splitlines()[0], file=sys.stderr)
 
 
+def _trust_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what may be loaded (docs/evaluation.md, Security)")
+    g.add_argument("--experiment", default=None, help="resolve run names in this experiment only")
+    g.add_argument(
+        "--storage-root",
+        dest="storage_roots",
+        action="append",
+        default=[],
+        metavar="DIR_OR_URI",
+        help="a storage root run folders may lie in (repeat; also $BITLM_STORAGE_ROOTS); "
+        "./runs and the folder of a sqlite tracking store are trusted already",
+    )
+
+
 def _settings_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to compute")
     for f in dataclasses.fields(EvalSettings):
@@ -64,6 +78,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--every-steps", type=int, default=0, help="--watch: steps that are multiples")
     p.add_argument("--reference", default="", help="run/folder whose model scores the samples")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or runs/")
+    _trust_args(p)
     p.add_argument("--no-progress", action="store_true")
     _settings_args(p)
     a = p.parse_args(argv)
@@ -92,6 +107,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             settings=settings,
             progress=not a.no_progress,
             on_outcome=show,
+            experiment=a.experiment,
+            storage_roots=a.storage_roots,
         )
         if a.watch is not None:
             out = watch(run, every_steps=a.every_steps, **kw)
@@ -155,13 +172,19 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tracking-uri", default=None)
+    _trust_args(p)
     a = p.parse_args(argv)
     import torch
 
     from .evaluate import EvalError, load_any_model, tracking_uri_for
 
     try:
-        model, _, tok_json = load_any_model(a.model, a.tracking_uri or tracking_uri_for())
+        model, _, tok_json = load_any_model(
+            a.model,
+            a.tracking_uri or tracking_uri_for(),
+            experiment=a.experiment,
+            roots=a.storage_roots,
+        )
         if tok_json is None:
             raise EvalError(f"{a.model}: no tokenizer.json beside the model")
         from tokenizers import Tokenizer

@@ -9,6 +9,13 @@
 Idempotent: a checkpoint whose step already has a FINISHED child run is skipped, so evaluating
 twice, a restarted watcher, or a resumed training run never duplicates an evaluation. MLflow
 failures are reported per checkpoint and never stop the evaluation of the others.
+
+What it loads (anyone who can create an MLflow run can log any storage_path param): a run name
+resolves in one experiment only (``--experiment``, or the only experiment holding a training
+run of that name; a reference run in the evaluated run's own experiment); the run's folder must
+lie under a trusted storage root (``storage_roots``); an explicit checkpoint must lie in the
+run's folder; DeepSpeed's pickled shards are read with ``weights_only=True``
+(``bitlm.train.safeload``), consolidated models are safetensors.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from ..recipe import from_dict
 log = logging.getLogger("bitlm.eval")
 
 __all__ = [
+    "ROOTS_ENV",
     "EvalError",
     "EvalSettings",
     "RunRef",
@@ -45,8 +53,11 @@ __all__ = [
     "evaluate_run",
     "list_checkpoints",
     "resolve_run",
+    "storage_roots",
     "watch",
 ]
+
+ROOTS_ENV = "BITLM_STORAGE_ROOTS"  # comma-separated storage roots evaluation may load from
 
 KIND_TAG = "bitlm_kind"
 STEP_TAG = "bitlm_eval_step"
@@ -119,15 +130,36 @@ def _is_training_run(run: Any) -> bool:
     return tags.get(KIND_TAG) in (None, "train") and "mlflow.parentRunId" not in tags
 
 
-def find_run(client: Any, run: str) -> Any:
-    """An MLflow run by id, else the newest training run with that name in any experiment."""
+def find_run(
+    client: Any,
+    run: str,
+    experiment: str | None = None,
+    *,
+    experiment_id: str | None = None,
+    unique: bool = False,
+) -> Any:
+    """An MLflow run by id, else the newest training run with that name: in ``experiment``
+    (a name) or ``experiment_id`` when given, else in any experiment; with ``unique``, a name
+    held by training runs of several experiments is an error (which one to load is not ours
+    to guess: anyone who can write to another experiment could plant a run of that name)."""
     import mlflow.exceptions
 
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise EvalError(f"unknown experiment {experiment!r}")
+        experiment_id = exp.experiment_id
     if len(run) == 32 and all(c in "0123456789abcdef" for c in run):
         with contextlib.suppress(mlflow.exceptions.MlflowException):
-            return client.get_run(run)
+            r = client.get_run(run)
+            if experiment_id is not None and r.info.experiment_id != experiment_id:
+                raise EvalError(f"run {run} is not in experiment {experiment or experiment_id}")
+            return r
     safe = run.replace("'", "")
-    exps = [e.experiment_id for e in client.search_experiments()]
+    if experiment_id is not None:
+        exps = [experiment_id]
+    else:
+        exps = [e.experiment_id for e in client.search_experiments()]
     found = [
         r
         for r in client.search_runs(
@@ -136,14 +168,76 @@ def find_run(client: Any, run: str) -> Any:
         if _is_training_run(r)
     ]
     if not found:
-        raise EvalError(f"unknown run {run!r}: no MLflow run with that id or name")
+        where = f" in experiment {experiment or experiment_id}" if experiment_id else ""
+        raise EvalError(f"unknown run {run!r}: no MLflow run with that id or name{where}")
+    holders = sorted({r.info.experiment_id for r in found})
+    if unique and len(holders) > 1:
+        names = ", ".join(repr(client.get_experiment(e).name) for e in holders)
+        raise EvalError(
+            f"run name {run!r} is ambiguous: training runs of that name are in experiments "
+            f"{names}; pass --experiment NAME (or the run id)"
+        )
     return found[0]
 
 
-def resolve_run(run: str, tracking_uri: str, wait_params_s: float = 0.0) -> RunRef:
-    """MLflow id or name -> RunRef (its folder and dataset from the logged recipe params)."""
+def storage_roots(tracking_uri: str | None = None, extra: Any = ()) -> list[str]:
+    """The storage roots evaluation loads run folders from: ``extra`` (--storage-root),
+    $BITLM_STORAGE_ROOTS (comma-separated), training's default ``./runs``, and the folder of
+    an embedded sqlite store (training keeps it beside its runs). Local roots are real paths."""
+    items = [*extra, *os.environ.get(ROOTS_ENV, "").split(","), "runs"]
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        items.append(str(Path(tracking_uri[len("sqlite:///") :]).parent))
+    out: list[str] = []
+    for it in (str(x).strip() for x in items):
+        if not it:
+            continue
+        root = it.rstrip("/") if "://" in it else os.path.realpath(os.path.abspath(it))
+        if root not in out:
+            out.append(root)
+    return out
+
+
+def is_inside(path: str, roots: list[str]) -> bool:
+    """``path`` lies in one of ``roots`` (local: after resolving symlinks and '..'; URIs: a
+    prefix match of the normalised URI, '..' refused)."""
+    if "://" in path:
+        rest = path.split("://", 1)[1]
+        if any(seg in ("..", ".") for seg in rest.split("/")):
+            return False
+        p = path.rstrip("/")
+        return any(p == r or p.startswith(r + "/") for r in roots if "://" in r)
+    real = os.path.realpath(os.path.abspath(path))
+    for r in roots:
+        if "://" in r:
+            continue
+        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _check_root(what: str, folder: str, roots: list[str]) -> None:
+    if not is_inside(folder, roots):
+        raise EvalError(
+            f"{what} points at {folder}, outside the storage roots evaluation trusts "
+            f"({', '.join(roots)}): not loading from it; if that folder is yours, pass "
+            f"--storage-root (or set {ROOTS_ENV})"
+        )
+
+
+def resolve_run(
+    run: str,
+    tracking_uri: str,
+    wait_params_s: float = 0.0,
+    *,
+    experiment: str | None = None,
+    experiment_id: str | None = None,
+    roots: Any = (),
+) -> RunRef:
+    """MLflow id or name -> RunRef (its folder and dataset from the logged recipe params).
+    The name must be unambiguous (see find_run) and the folder under a trusted storage root
+    (``storage_roots(tracking_uri, roots)``): an EvalError otherwise, before anything is read."""
     client = _client(tracking_uri)
-    r = find_run(client, run)
+    r = find_run(client, run, experiment, experiment_id=experiment_id, unique=True)
     deadline = time.monotonic() + wait_params_s
     while "storage_path" not in r.data.params and time.monotonic() < deadline:
         time.sleep(2.0)  # rank 0 logs the params shortly after the run starts
@@ -154,11 +248,15 @@ def resolve_run(run: str, tracking_uri: str, wait_params_s: float = 0.0) -> RunR
             f"run {run!r} ({r.info.run_id}) has no storage_path/data.path params: "
             "not a BitLM training run (or it has not started logging yet)"
         )
+    run_dir = f"{p['storage_path'].rstrip('/')}/{r.info.run_name}"
+    _check_root(
+        f"run {r.info.run_name!r} ({r.info.run_id})", run_dir, storage_roots(tracking_uri, roots)
+    )
     return RunRef(
         run_id=r.info.run_id,
         name=r.info.run_name,
         experiment_id=r.info.experiment_id,
-        run_dir=f"{p['storage_path'].rstrip('/')}/{r.info.run_name}",
+        run_dir=run_dir,
         data_path=p["data.path"],
         split=p.get("data.eval_split") or "val",
         train_split=p.get("data.split") or "train",
@@ -197,14 +295,30 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
             with fs.open_input_stream(f"{d}/{STATE_FILE}") as f:
                 world = int(json.loads(f.read().decode())["world_size"])
             names = [f"rng/rank_{r}.pt" for r in range(world)]
-            names += [f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
-            names.append(f"{DS_TAG}/mp_rank_00_model_states.pt")
             if any(fs.get_file_info(f"{d}/{n}").type != pafs.FileType.File for n in names):
+                continue
+            shards = {
+                i.base_name
+                for i in fs.get_file_info(pafs.FileSelector(f"{d}/{DS_TAG}"))
+                if i.type == pafs.FileType.File
+            }
+            if not _has_zero_shards(shards, world):
                 continue
         except (OSError, KeyError, ValueError):
             continue
         out.append((step, f"{run_dir.rstrip('/')}/{info.base_name}"))
     return sorted(out)
+
+
+def _has_zero_shards(names: set[str], world: int) -> bool:
+    """Every rank's optimizer shard (``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt``)
+    and the model states (``mp_rank_00_model_states.pt``, or per rank under ZeRO-3)."""
+    for r in range(world):
+        tail = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        if not any(n.endswith(tail) for n in names):
+            return False
+    per_rank = all(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" in names for r in range(world))
+    return "mp_rank_00_model_states.pt" in names or per_rank
 
 
 def _read_state(ckpt: str) -> dict[str, Any]:
@@ -254,10 +368,17 @@ def _mkdir(p: Path) -> Path:
 
 
 def eval_dir(run_dir: str) -> Path:
-    """Where consolidated models and local results of a run's evaluations go."""
+    """Where consolidated models and local results of a run's evaluations go (for a run on
+    S3, a folder of this user's own: a shared /tmp folder would let another user plant a
+    model that is then reused)."""
     if "://" in run_dir:
         key = hashlib.sha256(run_dir.encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / "bitlm-eval" / key
+        mine = Path(tempfile.gettempdir()) / f"bitlm-eval-{os.getuid()}"
+        mine.mkdir(mode=0o700, exist_ok=True)
+        st = mine.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise EvalError(f"{mine}: not a private folder of this user; remove it")
+        return mine / key
     return Path(run_dir) / "eval"
 
 
@@ -277,9 +398,18 @@ def load_model_dir(path: str | Path) -> tuple[BitLM, dict[str, Any], str | None]
     return model, state, tok
 
 
-def load_any_model(spec: str, tracking_uri: str) -> tuple[BitLM, dict[str, Any], str | None]:
-    """A consolidated model folder, a training checkpoint folder, a run folder or an MLflow run
-    (its latest checkpoint) -> (model, trainer state, tokenizer.json)."""
+def load_any_model(
+    spec: str,
+    tracking_uri: str,
+    *,
+    experiment: str | None = None,
+    experiment_id: str | None = None,
+    roots: Any = (),
+) -> tuple[BitLM, dict[str, Any], str | None]:
+    """A consolidated model folder, a training checkpoint folder, a run folder (given by the
+    user: loaded as named) or an MLflow run (its latest checkpoint; resolved as resolve_run
+    does, in ``experiment``/``experiment_id``, under trusted roots) -> (model, trainer
+    state, tokenizer.json)."""
     p = Path(spec)
     if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
         return load_model_dir(p)
@@ -294,7 +424,9 @@ def load_any_model(spec: str, tracking_uri: str) -> tuple[BitLM, dict[str, Any],
             ckpt = ckpts[-1][1]
         run_dir = ckpt.rstrip("/").rsplit("/", 1)[0]
     else:
-        ref = resolve_run(spec, tracking_uri)
+        ref = resolve_run(
+            spec, tracking_uri, experiment=experiment, experiment_id=experiment_id, roots=roots
+        )
         ckpts = list_checkpoints(ref.run_dir)
         if not ckpts:
             raise EvalError(f"run {spec!r} has no complete checkpoint in {ref.run_dir}")
@@ -554,10 +686,14 @@ def evaluate_checkpoint(
         raise
 
 
-def _reference(spec: str, tracking_uri: str, data_path: str) -> BitLM:
+def _reference(spec: str, tracking_uri: str, parent: RunRef, roots: Any = ()) -> BitLM:
+    """The reference model: a folder, or a run of the evaluated run's own experiment."""
     from ..train.data import Manifest
 
-    model, _, tok = load_any_model(spec, tracking_uri)
+    data_path = parent.data_path
+    model, _, tok = load_any_model(
+        spec, tracking_uri, experiment_id=parent.experiment_id, roots=roots
+    )
     man = Manifest.load(data_path)
     if tok is not None and hashlib.sha256(tok.encode()).hexdigest() != man.tokenizer_hash:
         raise EvalError(f"reference {spec!r} uses another tokenizer than {data_path}")
@@ -567,6 +703,11 @@ def _reference(spec: str, tracking_uri: str, data_path: str) -> BitLM:
             f"the dataset {man.vocab_size}"
         )
     return model
+
+
+def _root_of(parent: RunRef) -> str:
+    d = parent.run_dir
+    return d.rstrip("/") if "://" in d else os.path.realpath(os.path.abspath(d))
 
 
 def _selected(step: int, every: int, final_step: int | None) -> bool:
@@ -582,11 +723,23 @@ def evaluate_run(
     settings: EvalSettings | None = None,
     progress: bool = False,
     on_outcome: Callable[[Outcome], None] | None = None,
+    experiment: str | None = None,
+    storage_roots: Any = (),
 ) -> list[Outcome]:
-    """Evaluate ``checkpoint`` ("latest", "all", or a checkpoint folder) of a training run."""
+    """Evaluate ``checkpoint`` ("latest", "all", or a checkpoint folder of the run's own
+    folder) of a training run."""
     settings = settings or EvalSettings()
     uri = tracking_uri or tracking_uri_for()
-    parent = run if isinstance(run, RunRef) else resolve_run(run, uri)
+    roots = storage_roots
+    if isinstance(run, RunRef):
+        parent = run
+    else:
+        parent = resolve_run(run, uri, experiment=experiment, roots=roots)
+    if checkpoint not in ("latest", "all") and not is_inside(checkpoint, [_root_of(parent)]):
+        raise EvalError(
+            f"{checkpoint} is not a checkpoint of run {parent.name!r} (its folder is "
+            f"{parent.run_dir}): not loading it"
+        )
     if checkpoint in ("latest", "all"):
         ckpts = list_checkpoints(parent.run_dir)
         if not ckpts:
@@ -595,7 +748,7 @@ def evaluate_run(
     else:
         state = _read_state(checkpoint)
         todo = [(int(state["step"]), checkpoint)]
-    ref_model = _reference(reference, uri, parent.data_path) if reference else None
+    ref_model = _reference(reference, uri, parent, roots) if reference else None
     out = []
     for step, ckpt in todo:
         try:
@@ -623,13 +776,19 @@ def watch(
     max_attempts: int = 3,
     progress: bool = False,
     on_outcome: Callable[[Outcome], None] | None = None,
+    experiment: str | None = None,
+    storage_roots: Any = (),
 ) -> list[Outcome]:
     """Evaluate every selected checkpoint of a training run as it appears, once each, until
     the run is no longer RUNNING and nothing is left. Safe to restart (evaluated steps are
     skipped) and to run beside training (one CPU thread while training runs)."""
     settings = settings or EvalSettings()
     uri = tracking_uri or tracking_uri_for()
-    parent = run if isinstance(run, RunRef) else resolve_run(run, uri, wait_params_s=120)
+    roots = storage_roots
+    if isinstance(run, RunRef):  # built by the training driver from its own recipe
+        parent = run
+    else:
+        parent = resolve_run(run, uri, wait_params_s=120, experiment=experiment, roots=roots)
     client = _client(uri)
     done: set[int] = set()
     attempts: dict[int, int] = {}
@@ -661,7 +820,7 @@ def watch(
                 consolidate(c, model_dir_of(parent.run_dir, c))
         if todo and reference and ref_model is None:
             try:
-                ref_model = _reference(reference, uri, parent.data_path)
+                ref_model = _reference(reference, uri, parent, roots)
             except Exception as e:
                 log.warning("reference model %r unavailable: %s", reference, e)
                 reference = ""
@@ -707,7 +866,9 @@ class AutoEval:
             ray.cancel(self._ref, force=True)
 
 
-def _watch_task(ref: dict[str, Any], every: int, final: int, reference: str) -> list[Outcome]:
+def _watch_task(
+    ref: dict[str, Any], every: int, final: int, reference: str, roots: list[str]
+) -> list[Outcome]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     def say(o: Outcome) -> None:
@@ -720,6 +881,7 @@ def _watch_task(ref: dict[str, Any], every: int, final: int, reference: str) -> 
         final_step=final,
         reference=reference,
         on_outcome=say,
+        storage_roots=roots,
     )
 
 
@@ -727,8 +889,11 @@ def start_auto_eval(recipe: Any, run_dir: str, tracking_uri: str, run_id: str) -
     """Start the watcher of a training run (``eval.auto``); the driver waits for it at the end."""
     import ray
 
+    from ..train.tracking import split_credentials
+
     client = _client(tracking_uri)
     run = client.get_run(run_id)
+    clean_uri, user, password = split_credentials(tracking_uri)
     ref = RunRef(
         run_id=run_id,
         name=recipe.name,
@@ -737,11 +902,15 @@ def start_auto_eval(recipe: Any, run_dir: str, tracking_uri: str, run_id: str) -
         data_path=recipe.data.path,
         split=recipe.data.eval_split or "val",
         train_split=recipe.data.split,
-        tracking_uri=tracking_uri,
+        tracking_uri=clean_uri,  # task arguments hold no credentials
     )
     from ..train.launch import _FORWARD_ENV
 
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    if user:
+        env.setdefault("MLFLOW_TRACKING_USERNAME", user)
+    if password:
+        env.setdefault("MLFLOW_TRACKING_PASSWORD", password)
     task = ray.remote(num_cpus=0, max_retries=0)(_watch_task)
     if env:  # credentials reach the task only through its environment (never logged)
         task = task.options(runtime_env={"env_vars": env})
@@ -751,6 +920,7 @@ def start_auto_eval(recipe: Any, run_dir: str, tracking_uri: str, run_id: str) -
             recipe.eval.auto_every_steps,
             recipe.steps,
             recipe.eval.reference_run,
+            [recipe.storage_path],
         )
     )
 

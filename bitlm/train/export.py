@@ -1,7 +1,9 @@
 """Export a training checkpoint (any ZeRO stage) to the consolidated ``save_pretrained`` format.
 
 The fp32 master weights are gathered from the ZeRO optimizer shards on CPU
-(``deepspeed.utils.zero_to_fp32``), so this needs no GPU and no process group.
+(``deepspeed.utils.zero_to_fp32``), so this needs no GPU and no process group. The shards are
+read with ``weights_only=True`` (``safeload``): a file holding anything but tensors and plain
+data is refused, never executed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..recipe import from_dict
 from .config import TrainRecipe
 from .data import open_fs
 from .launch import latest_checkpoint
+from .safeload import weights_only_loads
 from .worker import DS_TAG, STATE_FILE
 
 __all__ = ["export_checkpoint", "load_checkpoint_model", "resolve_checkpoint"]
@@ -61,7 +64,8 @@ def load_checkpoint_model(ckpt: str) -> tuple[BitLM, TrainRecipe, dict]:
         recipe = from_dict(TrainRecipe, yaml.safe_load((local / "recipe.yaml").read_text()))
         table = CodeTable.from_json((local / "code_table.json").read_text())
         state = json.loads((local / STATE_FILE).read_text())
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=DS_TAG)
+        with weights_only_loads(ckpt):  # DeepSpeed's shards are pickles: no code runs
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=DS_TAG)
         model = BitLM(recipe.model, table)
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
         return model.eval(), recipe, state

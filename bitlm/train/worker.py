@@ -36,6 +36,7 @@ from ..model import BitLM
 from ..recipe import from_dict
 from .config import TrainRecipe
 from .data import DataError, Dataset, open_fs, rank_positions
+from .safeload import UnsafeCheckpointError, weights_only_loads
 
 log = logging.getLogger("bitlm.train")
 
@@ -389,7 +390,11 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
                     f"checkpoint was written by {state['world_size']} workers, this run has "
                     f"{world}: ZeRO shards do not reshard; export and restart instead"
                 )
-            engine.load_checkpoint(ckpt, tag=DS_TAG, load_lr_scheduler_states=False)
+            try:
+                with weights_only_loads(ckpt):  # DeepSpeed's shards are pickles: no code runs
+                    engine.load_checkpoint(ckpt, tag=DS_TAG, load_lr_scheduler_states=False)
+            except UnsafeCheckpointError as e:
+                raise FatalTrainingError(str(e)) from None
             rng = torch.load(Path(ckpt) / "rng" / f"rank_{rank}.pt", weights_only=True)
             torch.set_rng_state(rng["torch"])
             step, tokens_seen = int(state["step"]), int(state["tokens_seen"])

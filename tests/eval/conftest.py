@@ -88,6 +88,7 @@ def trained(ray_local, eval_store, eval_data, tmp_path_factory) -> Trained:
     base = tmp_path_factory.mktemp("eval")
     ref = make_reference(eval_data, base / "reference")
     storage = base / "runs"
+    os.environ["BITLM_STORAGE_ROOTS"] = str(storage)  # evaluation loads from trusted roots only
     recipe = load_train_recipe(
         None,
         [
@@ -104,7 +105,7 @@ def trained(ray_local, eval_store, eval_data, tmp_path_factory) -> Trained:
     )
     res = run(recipe)
     run_ = MlflowClient(eval_store).get_run(res.mlflow_run_id)
-    return Trained(
+    yield Trained(
         uri=eval_store,
         data=eval_data,
         storage=storage,
@@ -114,3 +115,4 @@ def trained(ray_local, eval_store, eval_data, tmp_path_factory) -> Trained:
         checkpoints=list_checkpoints(str(storage / "auto")),
         reference=ref,
     )
+    os.environ.pop("BITLM_STORAGE_ROOTS", None)

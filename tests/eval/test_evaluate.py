@@ -3,6 +3,7 @@ checkpoints (steps 2 and 4) were evaluated automatically by the training driver'
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -101,18 +102,21 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, capsys):
     _one_line_error(capsys, ["--run", "no-such-run"], "unknown run 'no-such-run'")
 
     c = MlflowClient(trained.uri)
+    root = ["--storage-root", str(tmp_path)]  # a folder of ours (test_security: others')
     empty = c.create_run(trained.experiment_id, run_name="empty-run").info.run_id
     c.log_param(empty, "storage_path", str(tmp_path / "nothing"))
     c.log_param(empty, "data.path", trained.data)
-    _one_line_error(capsys, ["--run", "empty-run"], "has no complete checkpoint")
+    _one_line_error(capsys, ["--run", "empty-run", *root], "has no complete checkpoint")
 
     other = write_dataset(tmp_path / "other", train_rows=40)
     o = c.create_run(trained.experiment_id, run_name="other-data").info.run_id
     c.log_param(o, "storage_path", str(tmp_path))
     c.log_param(o, "data.path", other)
-    ckpt = trained.checkpoints[-1][1]
+    ckpt = shutil.copytree(trained.checkpoints[-1][1], tmp_path / "other-data" / "checkpoint_4")
     _one_line_error(
-        capsys, ["--run", "other-data", "--checkpoint", ckpt], "trained on another dataset"
+        capsys,
+        ["--run", "other-data", "--checkpoint", str(ckpt), *root],
+        "trained on another dataset",
     )
     assert not eval_children(trained.uri, trained, finished_only=False)[2:]
 
