@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@")  # scheme://user[:secret]@
 
 
 @dataclass
@@ -220,6 +221,13 @@ class TrainRecipe:
             raise bad("eval.auto_every_steps", "must be >= 0 (0: every checkpoint)")
         if not self.storage_path:
             raise bad("storage_path", "must be a folder or s3:// URI")
+        for key in ("storage_path", "data.path"):
+            if _CREDENTIALS.match(_get(self, key)):
+                raise RecipeError(
+                    f"{key}: holds credentials (scheme://user:secret@...): give them through "
+                    "the environment (AWS_*); a recipe is logged to MLflow and sent to every "
+                    "worker"
+                )
 
     # ---- I/O ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from .tracking import (
     describe_changes,
     find_or_create_run,
     set_final_status,
+    split_credentials,
     sync_params,
 )
 from .worker import FATAL_FILE, RunInfo, newest_complete_checkpoint, train_worker
@@ -30,7 +31,8 @@ log = logging.getLogger("bitlm.train")
 
 __all__ = ["RunResult", "TrainingAborted", "run"]
 
-# Environment forwarded to the workers (values never logged).
+# Environment forwarded to the workers through Ray's runtime_env (values never logged, never
+# in task arguments: the storage filesystem and the tracking URI carry no credentials).
 _FORWARD_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
@@ -64,16 +66,15 @@ class RunResult:
 
 
 def _storage(recipe: TrainRecipe):
-    """(RunConfig storage_path, storage_filesystem or None, display root)."""
+    """(RunConfig storage_path, storage_filesystem or None, display root). The S3 filesystem
+    is pickled into Ray's task arguments, so it holds no keys: each process finds them in its
+    own environment (AWS_* forwarded through runtime_env, a pod's env, an instance role)."""
     sp = recipe.storage_path
     if sp.startswith("s3://"):
         import pyarrow.fs as pafs
 
         fs = pafs.S3FileSystem(
             endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None,
-            access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
-            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
-            session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
             region=os.environ.get("AWS_REGION")
             or os.environ.get("AWS_DEFAULT_REGION")
             or "us-east-1",
@@ -127,7 +128,6 @@ def run(recipe: TrainRecipe) -> RunResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS (a cluster, `ray job submit`) or starts a local Ray
 
@@ -136,9 +136,17 @@ def run(recipe: TrainRecipe) -> RunResult:
     _read_fatal(recipe, name, remove=True)
 
     tracking_uri, run_id, synced = _start_tracking(recipe, man)
+    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    worker_uri = None
+    if tracking_uri:  # credentials in the URI move to the workers' environment (runtime_env)
+        worker_uri, user, password = split_credentials(tracking_uri)
+        if user:
+            env.setdefault("MLFLOW_TRACKING_USERNAME", user)
+        if password:
+            env.setdefault("MLFLOW_TRACKING_PASSWORD", password)
     info = RunInfo(
         recipe=recipe.to_dict(),
-        tracking_uri=tracking_uri,
+        tracking_uri=worker_uri,
         mlflow_run_id=run_id,
         params_synced=synced,
     )

@@ -37,6 +37,7 @@ __all__ = [
     "find_or_create_run",
     "is_permanent",
     "set_final_status",
+    "split_credentials",
     "sync_params",
 ]
 
@@ -92,6 +93,21 @@ def _quick_http() -> None:
     """Fail fast against a dead server (the default retries for minutes)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``http://user:secret@host/...`` -> (``http://host/...``, user, secret): the URI may
+    travel (to Ray workers, into logs), the credentials only in the environment
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which MLflow reads)."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc or parts.scheme not in ("http", "https"):
+        return uri, None, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return clean, unquote(user) or None, unquote(password) or None
 
 
 def default_tracking_uri(storage_path: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import free_port, write_dataset
+from helpers import MlflowServer, free_port, write_dataset
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +60,18 @@ def mlflow_uri(mlflow_template, tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, mlflow_template):
+    """A real `mlflow server` on loopback for the session, its artifact store broken on purpose
+    (the destination lies under a regular file: every upload answers 500)."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(mlflow_template, base / "server.db")
+    (base / "not-a-dir").write_text("")
+    srv = MlflowServer(base / "server.db", base / "not-a-dir" / "artifacts")
+    srv.start()
+    yield srv
+    srv.stop()

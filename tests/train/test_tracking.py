@@ -1,5 +1,5 @@
 """MLflow failures stay local (issue 12.3), against a real `mlflow server` on loopback whose
-artifact store is broken (its destination lies under a regular file: every upload is a 500):
+artifact store is broken (conftest's mlflow_server: every upload is a 500):
 
 - a call that fails for good (a 4xx, or a 500 while the server answers everything else) is
   dropped with one warning, and the calls behind it are sent;
@@ -9,25 +9,18 @@ artifact store is broken (its destination lies under a regular file: every uploa
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import uuid
 
 import pytest
-from helpers import MlflowServer, metric_history, train
+from helpers import metric_history, train
 
 from bitlm.train.tracking import MAX_ATTEMPTS, RunLogger
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, mlflow_template):
-    base = tmp_path_factory.mktemp("mlflow-server")
-    shutil.copy(mlflow_template, base / "server.db")
-    (base / "not-a-dir").write_text("")
-    srv = MlflowServer(base / "server.db", base / "not-a-dir" / "artifacts")
-    srv.start()
-    yield srv
-    srv.stop()
+@pytest.fixture
+def server(mlflow_server):
+    return mlflow_server
 
 
 def _new_run(uri: str) -> str:
