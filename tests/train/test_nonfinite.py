@@ -59,6 +59,13 @@ def test_guard_counts_in_a_row_and_stops_at_the_limit():
     with pytest.raises(FatalTrainingError, match="DeepSpeed applied an update"):
         NonFiniteGuard(limit=10).update(1, 1.0, float("nan"), skipped=False)
 
+    from bitlm.recipe import RecipeError
+    from bitlm.train.config import TrainRecipe
+
+    assert TrainRecipe().failure.max_nonfinite_steps == 10
+    with pytest.raises(RecipeError, match=r"failure\.max_nonfinite_steps"):
+        load_train_recipe(None, ["failure.max_nonfinite_steps=-1"])
+
 
 @pytest.mark.parametrize(("stage", "precision"), [(1, "bf16"), (2, "fp32"), (3, "fp32")])
 def test_skipped_steps_leave_the_weights_as_they_were(

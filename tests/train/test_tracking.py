@@ -126,7 +126,7 @@ def test_relaunch_with_changed_params(ray_local, tiny_data, tmp_path, server, mo
             "failure.max_nonfinite_steps=1",
             "test.nan_at_step=2",
         )
-    assert not _warnings(caplog) or not any("changed params" in w for w in _warnings(caplog))
+    assert not any("changed params" in w for w in _warnings(caplog))  # a first launch
     res = train(tiny_data, tmp_path / "runs", "relaunch", *common, "optim.lr=0.001")
 
     said = [w for w in _warnings(caplog) if "relaunched with changed params" in w]
