@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bitlm import BitLM, ModelConfig  # noqa: E402
+from bitlm.codec import CodeTable  # noqa: E402
 from bitlm.eval.metrics import (  # noqa: E402
     COND_GAIN_TS,
     TeacherForced,
@@ -85,12 +86,14 @@ class Bench:
         self.val = val.codec.from_codewords(torch.from_numpy(val.read_rows(np.arange(n_val))))
         self.vocab = self.train.manifest.vocab_size
         self.code_table = self.train.manifest.code_table()
+        self._tables: dict[str, CodeTable] = {}
         self.buckets = frequency_buckets(self.val, self.vocab, 4)
         t0 = time.perf_counter()
         rows = self.train.codec.from_codewords(
             torch.from_numpy(self.train.read_rows(np.arange(self.train.num_rows)))
         )
         self.ref = KneserNey(order=3, vocab_size=self.vocab).fit(rows.numpy())
+        self.train_rows = rows
         P, new = self.ev["prompt_tokens"], self.ev["new_tokens"]
         self.prompts = self.val[: self.ev["num_samples"], :P]
         real = self.val[: self.ev["num_samples"], P : P + new].tolist()
@@ -106,10 +109,25 @@ class Bench:
             f"reference trigram fitted in {time.perf_counter() - t0:.1f} s; real text: {self.real}"
         )
 
-    def build(self, overrides: dict[str, Any]) -> BitLM:
+    def table(self, kind: str | None) -> CodeTable:
+        """The dataset's code table, or one of another kind built from the train split."""
+        if kind is None or kind == self.code_table.kind:
+            return self.code_table
+        if kind not in self._tables:
+            t0 = time.perf_counter()
+            if kind == "semantic":
+                self._tables[kind] = CodeTable.semantic(self.train_rows.tolist(), self.vocab)
+            elif kind == "binary":
+                self._tables[kind] = CodeTable.binary(self.vocab)
+            else:
+                raise SystemExit(f"error: unknown code_table {kind!r}")
+            print(f"{kind} code table built in {time.perf_counter() - t0:.1f} s")
+        return self._tables[kind]
+
+    def build(self, overrides: dict[str, Any], code_table: str | None = None) -> BitLM:
         kw = {**self.grid.get("base", {}), **overrides, "vocab_size": self.vocab}
         torch.manual_seed(self.tr["init_seed"])
-        return BitLM(ModelConfig(**kw), self.code_table).to(self.device)
+        return BitLM(ModelConfig(**kw), self.table(code_table)).to(self.device)
 
     @torch.no_grad()
     def evaluate(self, model: BitLM, final: bool) -> dict[str, float]:
@@ -155,9 +173,9 @@ class Bench:
             out[f"gen/repetition_rate{sfx}"] = repetition_rate(cont, 4)
         return out
 
-    def run(self, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    def run(self, name: str, overrides: dict[str, Any], code_table: str | None) -> dict[str, Any]:
         tr = self.tr
-        model = self.build(overrides)
+        model = self.build(overrides, code_table)
         opt = torch.optim.AdamW(
             model.parameters(), lr=tr["lr"], betas=(0.9, 0.95), weight_decay=tr["weight_decay"]
         )
@@ -200,6 +218,7 @@ class Bench:
         return {
             "name": name,
             "overrides": overrides,
+            "code_table": model.codec.table.kind,
             "params": {p: model.num_params(p) for p in ("all", "backbone", "head")},
             "flops_per_token": model.flops_per_token(L),
             "config": cfg.to_dict(),
@@ -308,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for v in variants:
         print(f"variant {v['name']}: {v.get('model', {})}", flush=True)
-        results["variants"].append(bench.run(v["name"], v.get("model", {})))
+        results["variants"].append(bench.run(v["name"], v.get("model", {}), v.get("code_table")))
         tmp = out_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(out_path)

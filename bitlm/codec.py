@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +39,7 @@ class CodeTable:
     code_of_id: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("binary", "frequency", "learned"):
+        if self.kind not in ("binary", "frequency", "semantic", "learned"):
             raise ValueError(f"unknown code table kind {self.kind!r}")
         if self.code_of_id is not None:
             if len(self.code_of_id) != self.vocab_size or sorted(self.code_of_id) != list(
@@ -66,6 +66,53 @@ class CodeTable:
         for rank, i in enumerate(order):
             code[i] = rank
         return cls("frequency", vocab_size, tuple(code))
+
+    @classmethod
+    def semantic(
+        cls, sequences: Iterable[Sequence[int]], vocab_size: int, dims: int = 64, seed: int = 0
+    ) -> CodeTable:
+        """Ids ordered so that tokens used alike share their high bits: each id's context is its
+        row of next- and previous-token counts (log1p, L2-normalised, reduced to ``dims`` by a
+        seeded randomised SVD); the code tree is then built top down, each node's ids sorted
+        along their first principal direction and split where the binary code splits (the left
+        child holds the codes whose next bit is 0). A wrong low bit then lands on a similar
+        token. Deterministic for the same sequences."""
+        V, B = vocab_size, num_bits_for(vocab_size)
+        seqs = [torch.as_tensor(list(s), dtype=torch.long) for s in sequences]
+        flat = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= V):
+            raise ValueError(f"token id out of range [0, {V})")
+        counts = torch.bincount(flat, minlength=V).double()
+        keys = torch.cat([s[:-1] * V + s[1:] for s in seqs if len(s) > 1] or [flat[:0]])
+        nxt = torch.bincount(keys, minlength=V * V).float()
+        nxt = nxt.view(V, V)
+        feats = torch.cat([nxt, nxt.T], 1).log1p()
+        feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            u, sv, _ = torch.svd_lowrank(feats, q=min(dims, V - 1))
+        x = (u * sv).double()  # [V, dims]
+        code = [0] * V
+
+        def place(ids: torch.Tensor, c0: int, k: int) -> None:
+            n = len(ids)
+            if k == 0 or n <= 1:
+                for off, i in enumerate(ids.tolist()):
+                    code[i] = c0 + off
+                return
+            sub = x[ids] - x[ids].mean(0)
+            direction = torch.linalg.svd(sub, full_matrices=False)[2][0]
+            proj = sub @ direction
+            top = int(ids[counts[ids].argmax()])
+            if proj[(ids == top).nonzero()[0, 0]] > 0:  # the most frequent id goes left
+                proj = -proj
+            ids = ids[torch.argsort(proj, stable=True)]
+            n_left = max(0, min(V - c0, 1 << (k - 1)))
+            place(ids[:n_left], c0, k - 1)
+            place(ids[n_left:], c0 + (1 << (k - 1)), k - 1)
+
+        place(torch.arange(V), 0, B)
+        return cls("semantic", V, tuple(code))
 
     def to_json(self) -> str:
         body = {"kind": self.kind, "vocab_size": self.vocab_size, "code_of_id": self.code_of_id}

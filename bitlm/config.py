@@ -37,7 +37,12 @@ class ModelConfig:
     # order of the tokens of each (shifted) input block: forward (the paper's, BitDance's) or
     # reversed (slot 0 then holds the most recent token, which next-token prediction needs)
     input_block_order: Literal["forward", "reversed"] = "forward"
-    slot_embedding: bool = False  # add a learned vector per slot (position mod m) to the input
+    slot_embedding: bool = False
+    # which hidden state conditions slot j of a target block: its own (per_slot, the paper's) or
+    # the input block's last one, which holds the most recent token (last; + a slot vector)
+    condition: Literal["per_slot", "last"] = (
+        "per_slot"  # add a learned vector per slot (position mod m) to the input
+    )
     output_head: Literal["diffusion", "softmax"] = "diffusion"
     # diffusion head
     head_width: int = 128
@@ -59,6 +64,10 @@ class ModelConfig:
     # probability that a training block gets a clean prefix of 1..m-1 known slots (t = 0 there):
     # teaches the head p(slot j | context, slots < j), used by the chain-rule likelihood
     known_prefix_prob: float = 0.0
+    # staggered per-slot noise (0: one t per block, the paper's): t_j = clamp(tau - s (m-1-j)),
+    # in training and sampling, so each slot is learned given partly revealed predecessors
+    slot_stagger: float = 0.0
+    slot_loss_decay: float = 1.0  # weight slot j of the diffusion loss by decay^j (1: equal)
     diffusion_batch_mul: int = 4
     cond_dropout: float = 0.1
     self_conditioning: bool = False
@@ -134,6 +143,10 @@ class ModelConfig:
             raise ValueError("model.rope_theta must be > 0")
         if not 0.0 <= self.time_min < self.time_max <= 1.0:
             raise ValueError("model.time_min/time_max: need 0 <= time_min < time_max <= 1")
+        if not 0.0 < self.slot_loss_decay <= 1.0:
+            raise ValueError("model.slot_loss_decay must be in (0, 1]")
+        if not 0.0 <= self.slot_stagger <= 1.0:
+            raise ValueError("model.slot_stagger must be in [0, 1]")
         if not 0.0 <= self.known_prefix_prob <= 1.0:
             raise ValueError("model.known_prefix_prob must be in [0, 1]")
         if self.loss == "bit_ce" and not self.head_squash:

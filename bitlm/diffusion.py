@@ -3,6 +3,7 @@ t = 1 noise, x_t = (1 - t) x0 + t eps; the head predicts x0 (x-prediction)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 
-__all__ = ["diffusion_loss", "euler_sample", "sample_time"]
+__all__ = ["diffusion_loss", "euler_sample", "sample_time", "slot_times"]
 
 # x0_fn(x_t [R, m, B], t [R], x_sc [R, m, B] | None) -> x0_hat [R, m, B]
 X0Fn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -29,21 +30,36 @@ def sample_time(cfg: ModelConfig, n: int, device: torch.device, generator=None) 
     return cfg.time_min + (cfg.time_max - cfg.time_min) * u
 
 
-def diffusion_loss(out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, kind: str) -> Tensor:
+def slot_times(tau: Tensor, m: int, stagger: float) -> Tensor:
+    """Per-slot times of the staggered schedule: t_j = clamp(tau - stagger (m-1-j), 0, 1), so
+    slot 0 is the least noisy and each slot is denoised with its predecessors ahead of it.
+    tau [...] in [0, 1 + stagger (m-1)] -> [..., m]; stagger 0 gives t_j = tau."""
+    offsets = stagger * torch.arange(m - 1, -1, -1, device=tau.device, dtype=torch.float32)
+    return (tau[..., None].float() - offsets).clamp(0.0, 1.0)
+
+
+def diffusion_loss(
+    out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, kind: str, slot_decay: float = 1.0
+) -> Tensor:
     """Mean loss over blocks and bits. out: the head's x0_hat [R, m, B], or for bit_ce its
     pre-squash output (x0_hat = tanh(out)); x0, x_t [R, m, B]; t [R] or [R, m].
     x0_mse: (x0_hat - x0)^2. v_loss: ((x0_hat - x0) / max(t, 0.05))^2, which is the squared
     error of the velocities (x0 - x_t)/max(t, 0.05) since x_t cancels. bit_ce: the binary
     cross-entropy of x0 under P(bit = +1) = (1 + x0_hat)/2 = sigmoid(2 out), in nats; like
     x0_mse it is minimised by the posterior mean E[x0 | x_t, h], so the sampler is unchanged,
-    but its gradient does not vanish when tanh saturates on a wrong bit."""
+    but its gradient does not vanish when tanh saturates on a wrong bit.
+    slot_decay < 1 weights slot j by slot_decay^j (normalised): slot 0 is next-token prediction."""
     if kind == "bit_ce":
-        return torch.nn.functional.softplus(-2.0 * out.float() * x0.float()).mean()
-    err = (out.float() - x0.float()) ** 2
+        err = torch.nn.functional.softplus(-2.0 * out.float() * x0.float())
+    else:
+        err = (out.float() - x0.float()) ** 2
     if kind == "v_loss":
         tt = t.float().clamp_min(V_LOSS_MIN_T).pow(2)
         err = err / (tt[:, None, None] if tt.dim() == 1 else tt[..., None])
-    return err.mean()
+    if slot_decay == 1.0:
+        return err.mean()
+    w = slot_decay ** torch.arange(err.shape[1], device=err.device, dtype=torch.float32)
+    return (err.mean(-1) * (w / w.sum())).sum(-1).mean()
 
 
 @torch.no_grad()
@@ -59,27 +75,39 @@ def euler_sample(
     known: Tensor | None = None,
     known_mask: Tensor | None = None,
     self_conditioning: bool = False,
+    stagger: float = 0.0,
 ) -> Tensor:
     """K Euler steps of the probability-flow ODE from x_1 ~ N(0, temperature^2 I) to t = 0:
     x <- x + (t_next - t) (x - x0_hat) / t. Returns the continuous x_0 [R, m, B].
 
     known [R, m, B] / known_mask [R, m] (bool): inpainting; known slots are held at their noised
-    true values (one fixed noise draw) during denoising and set to the true bits at the end."""
+    true values (one fixed noise draw) during denoising and set to the true bits at the end.
+    stagger > 0: per-slot times (slot_times) along tau from 1 + stagger (m-1) to 0, in
+    ceil(K (1 + stagger (m-1))) steps so that each slot still gets about K."""
     x = torch.randn(shape, device=device, generator=generator, dtype=torch.float32) * temperature
     x = x.to(dtype)
     if known is not None:
         known_noise = torch.randn(shape, device=device, generator=generator).to(dtype)
         km = known_mask[..., None]
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    m = shape[1]
+    span = 1.0 + stagger * (m - 1)
+    n = steps if stagger == 0 else math.ceil(steps * span)
+    taus = torch.linspace(span, 0.0, n + 1, device=device)
     x_sc = None
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
+    for i in range(n):
+        if stagger == 0:
+            t, t_next = taus[i], taus[i + 1]
+            tt = t.expand(shape[0])  # [R]
+        else:
+            t = slot_times(taus[i], m, stagger).to(dtype)[:, None]  # [m, 1]
+            t_next = slot_times(taus[i + 1], m, stagger).to(dtype)[:, None]
+            tt = t[:, 0].expand(shape[0], m)  # [R, m]
         if known is not None:
             x = torch.where(km, (1 - t) * known + t * known_noise, x)
-        tt = t.expand(shape[0])
         x0 = x0_fn(x, tt, x_sc)
         x_sc = x0 if self_conditioning else None
-        x = x + (t_next - t) * (x - x0) / t
+        # slots already clean (t = 0) or not started (t = t_next = 1) do not move
+        x = x + (t_next - t) * (x - x0) / t.clamp_min(1e-6)
     if known is not None:
         x = torch.where(km, known, x)
     return x

@@ -193,7 +193,7 @@ class DiffusionHead(nn.Module):
             return fused_loss(self, x_t, t, h, words, x_sc)
         x0 = words_to_bits(words, x_t.shape[-1], x_t.dtype)
         out = self.reference_forward(x_t, t, h, x_sc, squash=self.cfg.loss != "bit_ce")
-        return diffusion_loss(out, x0, x_t, t, self.cfg.loss)
+        return diffusion_loss(out, x0, x_t, t, self.cfg.loss, self.cfg.slot_loss_decay)
 
     # ---- decoding ----------------------------------------------------------------------------
     def guided(self, h: Tensor, cfg_scale: float):
@@ -225,7 +225,7 @@ class DiffusionHead(nn.Module):
         """One block per row: K Euler steps with guidance, sign() and exact repair.
         h [R, m, d]; known [R, m, B] bits / known_mask [R, m] (inpainting).
         Returns (valid code words [R, m] int64, continuous x0 [R, m, B])."""
-        if self.use_fused(h):
+        if self.use_fused(h) and self.cfg.slot_stagger == 0:
             from .kernels.fused_head import fused_sample_block
 
             return fused_sample_block(
@@ -251,6 +251,7 @@ class DiffusionHead(nn.Module):
             known=known,
             known_mask=known_mask,
             self_conditioning=self.cfg.self_conditioning,
+            stagger=self.cfg.slot_stagger,
         )
         return codec.repair(x), x
 

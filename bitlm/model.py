@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .backbone import Backbone, KVCache, RMSNorm
 from .codec import BitCodec, CodeTable
 from .config import ModelConfig
-from .diffusion import sample_time
+from .diffusion import sample_time, slot_times
 from .head import DiffusionHead, SoftmaxHead
 from .pretrained import load_pretrained, save_pretrained
 
@@ -81,21 +81,26 @@ class BitLM(nn.Module):
             if cfg.slot_embedding
             else None
         )
+        self.cond_slot = (
+            nn.Parameter(torch.randn(cfg.block_size, cfg.d_model) * 0.02)
+            if cfg.condition == "last"
+            else None
+        )
         self.backbone = Backbone(cfg)
         self.head = DiffusionHead(cfg) if cfg.output_head == "diffusion" else SoftmaxHead(cfg)
         self._init_backbone()
 
     def _init_backbone(self) -> None:
+        first = self.input.fc1 if isinstance(self.input, BitInput) else None
         for mod in [self.input, self.backbone]:
             for sub in mod.modules():
                 if isinstance(sub, nn.Linear):
-                    nn.init.normal_(sub.weight, std=0.02)
+                    std = self.config.input_init_std if sub is first else 0.02
+                    nn.init.normal_(sub.weight, std=std)
                     if sub.bias is not None:
                         nn.init.zeros_(sub.bias)
                 elif isinstance(sub, nn.Embedding):
                     nn.init.normal_(sub.weight, std=0.02)
-        if isinstance(self.input, BitInput):
-            nn.init.normal_(self.input.fc1.weight, std=self.config.input_init_std)
         if isinstance(self.head, SoftmaxHead):
             nn.init.normal_(self.head.proj.weight, std=0.02)
 
@@ -146,11 +151,22 @@ class BitLM(nn.Module):
         x = torch.cat([self.start.expand(b, m, -1), self.embed_blocks(tokens[:, : L - m])], dim=1)
         return self.run_backbone(x)
 
+    def slot_conditions(self, h: Tensor) -> Tensor:
+        """Hidden states of input blocks [..., m, d] -> the head conditions of the target
+        blocks [..., m, d]: per slot (the paper's alignment), or with condition=last the block's
+        last hidden state (it has the most recent token as its own input) for every slot, plus a
+        learned slot vector."""
+        if self.cond_slot is None:
+            return h
+        return h[..., -1:, :] + self.cond_slot
+
     def conditions(self, tokens: Tensor) -> Tensor:
         """The per-slot head conditions of every target block: [b, L/m, m, d]."""
         h = self.hidden(tokens)
         b, L, d = h.shape
-        return h.view(b, L // self.config.block_size, self.config.block_size, d)
+        return self.slot_conditions(
+            h.view(b, L // self.config.block_size, self.config.block_size, d)
+        )
 
     # ---- training ----------------------------------------------------------------------------
     def forward(self, tokens: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -173,13 +189,16 @@ class BitLM(nn.Module):
         words = self.codec.to_codewords(tokens).reshape(b * N, m).repeat(r, 1)  # [R, m]
         R, dev = h.shape[0], h.device
         t = sample_time(cfg, R, dev, generator).to(h.dtype)  # [R]
+        if cfg.slot_stagger > 0 and m > 1:  # tau over [0, 1 + s (m-1)] -> per-slot t [R, m]
+            t = slot_times(t * (1 + cfg.slot_stagger * (m - 1)), m, cfg.slot_stagger).to(h.dtype)
         if cfg.known_prefix_prob > 0 and m > 1:
             # Some blocks get a clean prefix of k in [1, m) slots (t = 0 there): t -> [R, m].
             k = torch.randint(1, m, (R,), device=dev, generator=generator)
             k = torch.where(
                 torch.rand(R, device=dev, generator=generator) < cfg.known_prefix_prob, k, 0
             )
-            t = torch.where(torch.arange(m, device=dev) < k[:, None], 0.0, t[:, None]).to(h.dtype)
+            tm = t if t.dim() == 2 else t[:, None]
+            t = torch.where(torch.arange(m, device=dev) < k[:, None], 0.0, tm).to(h.dtype)
         eps = torch.randn((R, m, cfg.num_bits), device=dev, generator=generator, dtype=h.dtype)
         x_t = self.head.noise(words, t, eps)  # (1 - t) x0 + t eps; fused on CUDA
         if self.training and cfg.cond_dropout > 0:
@@ -256,7 +275,7 @@ class BitLM(nn.Module):
         cache = KVCache(cfg.n_layers) if use_cache else None
         # Conditions for target block n_full: input blocks [S, data blocks 0..n_full-1].
         x = torch.cat([self.start.expand(b, m, -1), self.embed_blocks(prompt[:, : n_full * m])], 1)
-        h = self.run_backbone(x, cache)[:, -m:]  # [b, m, d]
+        h = self.slot_conditions(self.run_backbone(x, cache)[:, -m:])  # [b, m, d]
         while seq.shape[1] < total:
             known = known_mask = None
             if rem:
@@ -278,11 +297,11 @@ class BitLM(nn.Module):
             if seq.shape[1] >= total:
                 break
             if use_cache:
-                h = self.run_backbone(self.embed_blocks(block), cache)
+                h = self.slot_conditions(self.run_backbone(self.embed_blocks(block), cache))
             else:
                 n = seq.shape[1] // m
                 x = torch.cat([self.start.expand(b, m, -1), self.embed_blocks(seq[:, : n * m])], 1)
-                h = self.run_backbone(x)[:, -m:]
+                h = self.slot_conditions(self.run_backbone(x)[:, -m:])
         return seq[:, :total]
 
     # ---- teacher-forced evaluation -----------------------------------------------------------

@@ -119,7 +119,7 @@ class PreprocessConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    code_table: Literal["binary", "frequency"] = "frequency"
+    code_table: Literal["binary", "frequency", "semantic"] = "frequency"
     seq_len: int = 256  # L, tokens per packed row
     block_size: int = 4  # L must be a multiple of it
     val_fraction: float = 0.01  # by document hash

@@ -46,18 +46,24 @@ def eod_id_of(tokenizer: Tokenizer, eod_token: str) -> int:
 
 
 def build_code_table(kind: str, tokenizer: Tokenizer, sample: list[str], eod_id: int) -> CodeTable:
-    """'binary' (identity) or 'frequency' (ids ranked by count in the tokenised sample)."""
+    """'binary' (identity), 'frequency' (ids ranked by count in the tokenised sample) or
+    'semantic' (ids that occur in alike contexts of the sample share their high bits)."""
     from bitlm.codec import CodeTable
 
     vocab = tokenizer.get_vocab_size()
     if kind == "binary":
         return CodeTable.binary(vocab)
     counts = np.zeros(vocab, dtype=np.int64)
+    docs: list[list[int]] = []
     tokenizer.encode_special_tokens = True
     for s in range(0, len(sample), 256):
         for e in tokenizer.encode_batch_fast(sample[s : s + 256], add_special_tokens=False):
             counts += np.bincount(np.asarray(e.ids, dtype=np.int64), minlength=vocab)
+            if kind == "semantic":
+                docs.append([*e.ids, eod_id])
     counts[eod_id] += len(sample)
+    if kind == "semantic":
+        return CodeTable.semantic(docs, vocab)
     return CodeTable.frequency(counts.tolist(), vocab)
 
 

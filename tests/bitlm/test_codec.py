@@ -89,3 +89,25 @@ def test_mean_field_sums_to_one_over_valid_tokens(V: int) -> None:
     p = torch.rand(6, codec.num_bits, generator=g)
     logp = torch.stack([codec.mean_field_log_prob(p, torch.full((6,), i)) for i in range(V)])
     assert torch.allclose(logp.exp().sum(0), torch.ones(6, dtype=torch.float64), atol=1e-9)
+
+
+def test_semantic_table_groups_tokens_used_alike() -> None:
+    """Two families of ids that never share a context land in the two halves of the code space
+    (they differ in the top bit); the table is a valid, deterministic permutation."""
+    g = torch.Generator().manual_seed(0)
+    a, b = list(range(0, 16, 2)), list(range(1, 16, 2))  # interleaved ids
+    seqs = []
+    for _ in range(200):
+        fam = a if torch.rand(1, generator=g) < 0.5 else b
+        seqs.append([fam[int(i)] for i in torch.randint(0, 8, (20,), generator=g)])
+    t1 = CodeTable.semantic(seqs, 16)
+    t2 = CodeTable.semantic(seqs, 16)
+    assert t1 == t2 and sorted(t1.code_of_id) == list(range(16))
+    top = {i: t1.code_of_id[i] >> 3 for i in range(16)}
+    assert len({top[i] for i in a}) == 1 and len({top[i] for i in b}) == 1
+    assert top[a[0]] != top[b[0]]
+    # A vocabulary that is not a power of two still gets exactly the codes [0, V).
+    t3 = CodeTable.semantic([[i % 13 for i in range(k, k + 30)] for k in range(20)], 13)
+    assert sorted(t3.code_of_id) == list(range(13))
+    with pytest.raises(ValueError, match="out of range"):
+        CodeTable.semantic([[0, 13]], 13)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bitlm import BitLM, ModelConfig
-from bitlm.diffusion import diffusion_loss
+from bitlm.diffusion import diffusion_loss, slot_times
 
 
 def tiny(**kw) -> ModelConfig:
@@ -125,3 +125,16 @@ def test_condition_gain_is_zero_when_the_head_cannot_see_the_condition() -> None
     gain = model.condition_gain(tokens, (0.5, 1.0), torch.Generator().manual_seed(0))
     for true, null in gain.values():
         assert true == pytest.approx(null, abs=1e-12)
+
+
+def test_staggered_slot_times() -> None:
+    """tau at its top: every slot is noise; at 0 every slot is clean; in between slot 0 leads."""
+    s, m = 0.5, 4
+    assert torch.equal(slot_times(torch.tensor(1 + s * (m - 1)), m, s), torch.ones(m))
+    assert torch.equal(slot_times(torch.tensor(0.0), m, s), torch.zeros(m))
+    mid = slot_times(torch.tensor(1.2), m, s)
+    assert torch.allclose(mid, torch.tensor([0.0, 0.2, 0.7, 1.0]))
+    assert torch.equal(slot_times(torch.tensor([0.3]), m, 0.0), torch.full((1, m), 0.3))
+    model = BitLM(tiny(block_size=4, vocab_size=50, slot_stagger=s))
+    loss = model.loss(torch.randint(0, 50, (2, 16)), torch.Generator().manual_seed(0))
+    assert loss.isfinite()

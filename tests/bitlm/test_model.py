@@ -65,12 +65,14 @@ def test_conditions_are_block_causal(m: int) -> None:
 
 
 @pytest.mark.parametrize("P", [0, 3, 4, 7, 8])
-@pytest.mark.parametrize("head", ["diffusion", "softmax", "slot_embedding", "reversed"])
+@pytest.mark.parametrize("head", ["diffusion", "softmax", "slot_embedding", "reversed", "stagger"])
 def test_kv_cache_equals_recomputation(P: int, head: str) -> None:
     torch.manual_seed(0)
     kw = {
         "slot_embedding": dict(slot_embedding=True),
         "reversed": dict(input_block_order="reversed", input="bit_groups"),
+        "stagger": dict(slot_stagger=0.5, known_prefix_prob=0.5, head_cond_input=True),
+        "last": dict(condition="last", input="bit_groups"),
     }.get(head, dict(output_head=head))
     model = BitLM(tiny(**kw)).double().eval()
     prompt = torch.randint(0, 50, (3, P))
