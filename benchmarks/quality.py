@@ -82,8 +82,9 @@ class Bench:
         self.grid, self.tr, self.ev, self.device = grid, grid["train"], grid["eval"], device
         self.train = Dataset(str(data), "train", self.tr["data_seed"])
         val = Dataset(str(data), "val", 0)
-        n_val = min(self.ev["val_rows"], val.num_rows)
-        self.val = val.codec.from_codewords(torch.from_numpy(val.read_rows(np.arange(n_val))))
+        n_val = min(max(self.ev["val_rows"], self.ev["num_samples"]), val.num_rows)
+        rows = val.codec.from_codewords(torch.from_numpy(val.read_rows(np.arange(n_val))))
+        self.val = rows[: self.ev["val_rows"]]  # teacher-forced metrics
         self.vocab = self.train.manifest.vocab_size
         self.code_table = self.train.manifest.code_table()
         self._tables: dict[str, CodeTable] = {}
@@ -95,12 +96,10 @@ class Bench:
         self.ref = KneserNey(order=3, vocab_size=self.vocab).fit(rows.numpy())
         self.train_rows = rows
         P, new = self.ev["prompt_tokens"], self.ev["new_tokens"]
-        self.prompts = self.val[: self.ev["num_samples"], :P]
-        real = self.val[: self.ev["num_samples"], P : P + new].tolist()
+        self.prompts = rows[: self.ev["num_samples"], :P]
+        real = rows[: self.ev["num_samples"], P : P + new].tolist()
         self.real = {
-            "ref_perplexity": ngram_perplexity(
-                self.ref, self.val[: len(real), : P + new].tolist(), P
-            ),
+            "ref_perplexity": ngram_perplexity(self.ref, rows[: len(real), : P + new].tolist(), P),
             "unigram_entropy": unigram_entropy(real),
             "distinct_2": distinct_n(real, 2),
             "repetition_rate": repetition_rate(real, 4),
@@ -281,7 +280,7 @@ def markdown_table(paths: list[str]) -> str:
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         real = res["real_text"]
         lines.append(
-            f"| real text | | | | | | | {real['ref_perplexity']:.0f} | | "
+            f"| real text | | | | | | | | {real['ref_perplexity']:.0f} | | "
             f"{real['unigram_entropy']:.2f} |"
         )
     return "\n".join(lines)

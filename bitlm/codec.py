@@ -30,6 +30,9 @@ def num_bits_for(vocab_size: int) -> int:
     return max(1, math.ceil(math.log2(vocab_size)))
 
 
+SEMANTIC_MAX_VOCAB = 16_384  # CodeTable.semantic keeps V x V float32 counts (1 GiB here)
+
+
 @dataclass(frozen=True)
 class CodeTable:
     """A permutation id -> code of [0, V). ``code_of_id is None`` means the identity ("binary")."""
@@ -78,6 +81,11 @@ class CodeTable:
         child holds the codes whose next bit is 0). A wrong low bit then lands on a similar
         token. Deterministic for the same sequences."""
         V, B = vocab_size, num_bits_for(vocab_size)
+        if V > SEMANTIC_MAX_VOCAB:
+            raise ValueError(
+                f"a semantic code table needs dense V x V counts: vocab_size {V} > "
+                f"{SEMANTIC_MAX_VOCAB}; use frequency (sparse counts are not implemented)"
+            )
         seqs = [torch.as_tensor(list(s), dtype=torch.long) for s in sequences]
         flat = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= V):

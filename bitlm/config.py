@@ -37,9 +37,10 @@ class ModelConfig:
     # order of the tokens of each (shifted) input block: forward (the paper's, BitDance's) or
     # reversed (slot 0 then holds the most recent token, which next-token prediction needs)
     input_block_order: Literal["forward", "reversed"] = "forward"
-    slot_embedding: bool = False
+    slot_embedding: bool = False  # add a learned vector per slot (position mod m) to the input
     # which hidden state conditions slot j of a target block: its own (per_slot, the paper's) or
-    # the input block's last one, which holds the most recent token (last; + a slot vector)
+    # the input block's last one, plus a learned slot vector (last; with input_block_order
+    # forward that position holds the most recent token as its own input)
     condition: Literal["per_slot", "last"] = (
         "per_slot"  # add a learned vector per slot (position mod m) to the input
     )
@@ -147,6 +148,8 @@ class ModelConfig:
             raise ValueError("model.slot_loss_decay must be in (0, 1]")
         if not 0.0 <= self.slot_stagger <= 1.0:
             raise ValueError("model.slot_stagger must be in [0, 1]")
+        if self.slot_stagger > 0 and (self.time_min, self.time_max) != (0.0, 1.0):
+            raise ValueError("model.time_min/time_max cannot be combined with slot_stagger")
         if not 0.0 <= self.known_prefix_prob <= 1.0:
             raise ValueError("model.known_prefix_prob must be in [0, 1]")
         if self.loss == "bit_ce" and not self.head_squash:

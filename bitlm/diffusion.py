@@ -48,7 +48,8 @@ def diffusion_loss(
     cross-entropy of x0 under P(bit = +1) = (1 + x0_hat)/2 = sigmoid(2 out), in nats; like
     x0_mse it is minimised by the posterior mean E[x0 | x_t, h], so the sampler is unchanged,
     but its gradient does not vanish when tanh saturates on a wrong bit.
-    slot_decay < 1 weights slot j by slot_decay^j (normalised): slot 0 is next-token prediction."""
+    slot_decay < 1 weights slot j by slot_decay^j (normalised): slot 0 is next-token prediction.
+    With per-slot t [R, m], slots at t = 0 (known, clean: x_t = x0) are left out of the mean."""
     if kind == "bit_ce":
         err = torch.nn.functional.softplus(-2.0 * out.float() * x0.float())
     else:
@@ -56,10 +57,13 @@ def diffusion_loss(
     if kind == "v_loss":
         tt = t.float().clamp_min(V_LOSS_MIN_T).pow(2)
         err = err / (tt[:, None, None] if tt.dim() == 1 else tt[..., None])
-    if slot_decay == 1.0:
+    if slot_decay == 1.0 and t.dim() == 1:
         return err.mean()
     w = slot_decay ** torch.arange(err.shape[1], device=err.device, dtype=torch.float32)
-    return (err.mean(-1) * (w / w.sum())).sum(-1).mean()
+    w = w.expand(err.shape[:2])  # [R, m]
+    if t.dim() == 2:
+        w = w * (t > 0)
+    return (err.mean(-1) * w).sum() / w.sum().clamp_min(1e-12)
 
 
 @torch.no_grad()

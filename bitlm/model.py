@@ -29,6 +29,12 @@ from .pretrained import load_pretrained, save_pretrained
 __all__ = ["BitLM"]
 
 
+def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to like's."""
+    dev = generator.device if generator is not None else like.device
+    return torch.randn(shape, device=dev, generator=generator).to(like)
+
+
 class BitInput(nn.Module):
     """B bits -> d: Linear-SiLU-Linear (hidden input_mlp_ratio x d), then RMSNorm (no embedding
     table)."""
@@ -154,8 +160,8 @@ class BitLM(nn.Module):
     def slot_conditions(self, h: Tensor) -> Tensor:
         """Hidden states of input blocks [..., m, d] -> the head conditions of the target
         blocks [..., m, d]: per slot (the paper's alignment), or with condition=last the block's
-        last hidden state (it has the most recent token as its own input) for every slot, plus a
-        learned slot vector."""
+        last hidden state for every slot (with forward input blocks that position holds the
+        most recent token as its own input), plus a learned slot vector."""
         if self.cond_slot is None:
             return h
         return h[..., -1:, :] + self.cond_slot
@@ -318,7 +324,7 @@ class BitLM(nn.Module):
             logits = self.head(h).double()  # [R, m, V]
             return torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
         R, m, _ = h.shape
-        x1 = torch.randn(R, m, self.config.num_bits, generator=generator).to(h)
+        x1 = _randn((R, m, self.config.num_bits), h, generator)
         clean = self.codec.encode(target, h.dtype)  # [R, m, B]
         slots = torch.arange(m, device=h.device)
         out = []
@@ -396,7 +402,7 @@ class BitLM(nn.Module):
         b, N, m, d = h.shape
         flat = h.reshape(b * N, m, d)
         x0 = self.codec.encode(tokens.reshape(b * N, m), h.dtype)
-        eps = torch.randn(x0.shape, generator=generator).to(h)
+        eps = _randn(x0.shape, h, generator)
         null = self.head.null_cond.to(h.dtype).expand_as(flat)
         res = {}
         for t in ts:

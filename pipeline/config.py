@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from bitlm.codec import SEMANTIC_MAX_VOCAB
 from bitlm.recipe import RecipeError, load_recipe, to_dict
 from pipeline.readers import DEFAULT_MAX_DOC_BYTES, DEFAULT_MAX_DOCS, DEFAULT_MAX_FILE_BYTES
 
@@ -143,6 +144,10 @@ class PreprocessConfig:
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise RecipeError(f"{k} must be >= 1 or null")
+        if self.code_table == "semantic" and self.tokenizer.vocab_size > SEMANTIC_MAX_VOCAB:
+            raise RecipeError(
+                f"code_table=semantic supports tokenizer.vocab_size <= {SEMANTIC_MAX_VOCAB}"
+            )
 
     def validate_for_run(self) -> None:
         """Checks that only a run (not a verify) needs."""

@@ -183,13 +183,20 @@ def run_main(work_dir: str | Path = "runs/main", overrides: list[str] | None = N
         run_dir = str(work / name)
         if _finished(uri, recipe.mlflow.experiment, name, run_dir, recipe.steps):
             _say(f"      {name}: already trained; checking its evaluations")
-            outs = watch(name, tracking_uri=uri, reference=reference, final_step=recipe.steps)
+            outs = watch(
+                name,
+                tracking_uri=uri,
+                reference=reference,
+                final_step=recipe.steps,
+                experiment=recipe.mlflow.experiment,
+                storage_roots=[str(work)],
+            )
             n_new = sum(o.status == "evaluated" for o in outs)
             _say(f"      {n_new} new evaluations")
         else:
             with _Progress(uri, recipe.mlflow.experiment, name, recipe.steps):
                 run(recipe)
-        run_ids[name] = find_run(_client(uri), name).info.run_id
+        run_ids[name] = find_run(_client(uri), name, recipe.mlflow.experiment).info.run_id
         times[f"train+eval {name}"] = time.perf_counter() - t0
         _say(f"      {name}: {times[f'train+eval {name}']:.0f} s")
 

@@ -138,3 +138,16 @@ def test_staggered_slot_times() -> None:
     model = BitLM(tiny(block_size=4, vocab_size=50, slot_stagger=s))
     loss = model.loss(torch.randint(0, 50, (2, 16)), torch.Generator().manual_seed(0))
     assert loss.isfinite()
+
+
+def test_known_slots_are_left_out_of_the_loss() -> None:
+    """Slots at t = 0 (known: x_t = x0) carry no loss, whatever the head outputs there; the
+    others are averaged (v_loss would otherwise weight a copy task 400x)."""
+    x0 = torch.ones(2, 3, 4)
+    out = torch.zeros(2, 3, 4)
+    out[:, 0] = -50.0  # wildly wrong on the known slot
+    t = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.5, 0.5]])
+    for kind in ("x0_mse", "v_loss", "bit_ce"):
+        got = diffusion_loss(out, x0, x0, t, kind)
+        want = diffusion_loss(out[:, 1:], x0[:, 1:], x0[:, 1:], torch.full((2,), 0.5), kind)
+        torch.testing.assert_close(got, want)

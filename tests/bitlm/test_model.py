@@ -65,7 +65,9 @@ def test_conditions_are_block_causal(m: int) -> None:
 
 
 @pytest.mark.parametrize("P", [0, 3, 4, 7, 8])
-@pytest.mark.parametrize("head", ["diffusion", "softmax", "slot_embedding", "reversed", "stagger"])
+@pytest.mark.parametrize(
+    "head", ["diffusion", "softmax", "slot_embedding", "reversed", "stagger", "last"]
+)
 def test_kv_cache_equals_recomputation(P: int, head: str) -> None:
     torch.manual_seed(0)
     kw = {
