@@ -242,11 +242,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         "head/cond_gain_t0.7",
     ]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    colors = plt.get_cmap("tab20" if len(results["variants"]) > 10 else "tab10")
     for ax, key in zip(axes.flat, keys, strict=True):
-        for r in results["variants"]:
+        for i, r in enumerate(results["variants"]):  # one colour per variant in every panel
             pts = [(c["tokens_seen"], c[key]) for c in r["curve"] if key in c]
             if pts:
-                ax.plot(*zip(*pts, strict=True), label=r["name"], marker=".")
+                ax.plot(*zip(*pts, strict=True), label=r["name"], marker=".", color=colors(i % 20))
         ax.set_title(key)
         ax.set_xlabel("tokens seen")
     axes.flat[0].legend(fontsize=7)
