@@ -218,6 +218,18 @@ HEAD_CFGS = [
         loss="v_loss",
     ),
     dict(vocab_size=200_000, block_size=4, head_width=32, head_squash=False, head_depth=1),
+    # the study's options: additive condition path in the fused forward, bit_ce + slot decay
+    # through the PyTorch loss on the fused head's output
+    dict(
+        vocab_size=300,
+        block_size=4,
+        head_width=32,
+        head_heads=2,
+        head_depth=1,
+        head_cond_input=True,
+        loss="bit_ce",
+        slot_loss_decay=0.5,
+    ),
 ]
 
 
@@ -228,7 +240,9 @@ def make_head(seed: int = 0, **kw) -> DiffusionHead:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kw", HEAD_CFGS, ids=["B13-m3", "B18-m5-sc-v", "B18-m4-nosquash"])
+@pytest.mark.parametrize(
+    "kw", HEAD_CFGS, ids=["B13-m3", "B18-m5-sc-v", "B18-m4-nosquash", "B9-m4-ce-condin"]
+)
 def test_head_loss_parity(device, dtype, kw):
     head = rnd(make_head(**kw), dtype)
     cfg = head.cfg
