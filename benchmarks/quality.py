@@ -83,23 +83,23 @@ class Bench:
         self.train = Dataset(str(data), "train", self.tr["data_seed"])
         val = Dataset(str(data), "val", 0)
         n_val = min(max(self.ev["val_rows"], self.ev["num_samples"]), val.num_rows)
-        rows = val.codec.from_codewords(torch.from_numpy(val.read_rows(np.arange(n_val))))
-        self.val = rows[: self.ev["val_rows"]]  # teacher-forced metrics
+        val_rows = val.codec.from_codewords(torch.from_numpy(val.read_rows(np.arange(n_val))))
+        self.val = val_rows[: self.ev["val_rows"]]  # teacher-forced metrics
         self.vocab = self.train.manifest.vocab_size
         self.code_table = self.train.manifest.code_table()
         self._tables: dict[str, CodeTable] = {}
         self.buckets = frequency_buckets(self.val, self.vocab, 4)
         t0 = time.perf_counter()
-        rows = self.train.codec.from_codewords(
+        self.train_rows = self.train.codec.from_codewords(
             torch.from_numpy(self.train.read_rows(np.arange(self.train.num_rows)))
         )
-        self.ref = KneserNey(order=3, vocab_size=self.vocab).fit(rows.numpy())
-        self.train_rows = rows
+        self.ref = KneserNey(order=3, vocab_size=self.vocab).fit(self.train_rows.numpy())
         P, new = self.ev["prompt_tokens"], self.ev["new_tokens"]
-        self.prompts = rows[: self.ev["num_samples"], :P]
-        real = rows[: self.ev["num_samples"], P : P + new].tolist()
+        prompts = val_rows[: self.ev["num_samples"], : P + new]  # validation prompts only
+        self.prompts = prompts[:, :P]
+        real = prompts[:, P:].tolist()
         self.real = {
-            "ref_perplexity": ngram_perplexity(self.ref, rows[: len(real), : P + new].tolist(), P),
+            "ref_perplexity": ngram_perplexity(self.ref, prompts.tolist(), P),
             "unigram_entropy": unigram_entropy(real),
             "distinct_2": distinct_n(real, 2),
             "repetition_rate": repetition_rate(real, 4),
@@ -152,12 +152,16 @@ class Bench:
     @torch.no_grad()
     def sample_stats(self, model: BitLM) -> dict[str, float]:
         """Continuations of the validation prompts, sampled (temperature 1: the headline),
-        greedy (temperature 0), and for diffusion heads every entry of eval.diffusion_samplers
-        ({name, temperature, cfg_scale, steps}), each scored by the reference n-gram."""
+        greedy (temperature 0), and every entry of eval.samplers ({name, temperature, cfg_scale,
+        steps}; cfg_scale and steps only act on diffusion heads, so an entry meant for them
+        alone names `diffusion_only: true`), each scored by the reference n-gram."""
         P, new = self.ev["prompt_tokens"], self.ev["new_tokens"]
         samplers = [{"name": "", "temperature": 1.0}, {"name": "_greedy", "temperature": 0.0}]
-        if model.is_diffusion:
-            samplers += self.ev.get("diffusion_samplers", [])
+        samplers += [
+            sm
+            for sm in self.ev.get("samplers", [])
+            if model.is_diffusion or not sm.get("diffusion_only", False)
+        ]
         out: dict[str, float] = {}
         for sm in samplers:
             g = torch.Generator(device=self.device).manual_seed(self.ev["seed"])
