@@ -141,6 +141,15 @@ TINY = [
 ]
 
 
+def local_recipe(data, storage, name: str = "local", *extra: str):
+    """A TINY recipe for one in-process worker (world size 1, batch 4) on ``data``."""
+    from bitlm.train.config import load_train_recipe
+
+    ov = [o for o in TINY if not o.startswith(("num_workers", "cpus_per"))]
+    base = ["num_workers=1", "global_batch_size=4", f"data.path={data}", f"storage_path={storage}"]
+    return load_train_recipe(None, [*ov, *base, *extra], name)
+
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import local_recipe
 
 from bitlm.train.config import load_train_recipe
 from bitlm.train.worker import (
@@ -21,20 +21,7 @@ from bitlm.train.worker import (
 
 
 def _recipe(data, storage, name, *extra):
-    ov = [o for o in TINY if not o.startswith(("num_workers", "cpus_per"))]
-    return load_train_recipe(
-        None,
-        [
-            *ov,
-            "num_workers=1",
-            "global_batch_size=4",
-            f"data.path={data}",
-            f"storage_path={storage}",
-            "checkpoint.every_steps=0",
-            *extra,
-        ],
-        name,
-    )
+    return local_recipe(data, storage, name, "checkpoint.every_steps=0", *extra)
 
 
 def test_guard_counts_in_a_row_and_stops_at_the_limit():

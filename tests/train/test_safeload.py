@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import local_recipe
 
-from bitlm.train.config import load_train_recipe
 from bitlm.train.worker import FATAL_FILE, LocalSession, train_worker
 
 
@@ -28,20 +27,8 @@ class _Plant:
 
 
 def _train(data, storage, name, *extra):
-    ov = [o for o in TINY if not o.startswith(("num_workers", "cpus_per"))]
-    r = load_train_recipe(
-        None,
-        [
-            *ov,
-            "num_workers=1",
-            "global_batch_size=4",
-            f"data.path={data}",
-            f"storage_path={storage}",
-            "mlflow.enabled=false",
-            "checkpoint.every_steps=0",
-            *extra,
-        ],
-        name,
+    r = local_recipe(
+        data, storage, name, "mlflow.enabled=false", "checkpoint.every_steps=0", *extra
     )
     train_worker({"recipe": r.to_dict()}, LocalSession(str(storage), name, keep=1))
     return storage / name

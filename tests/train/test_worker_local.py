@@ -5,28 +5,13 @@ from __future__ import annotations
 
 import json
 
-from helpers import TINY, write_dataset
+from helpers import local_recipe, write_dataset
 
-from bitlm.train.config import load_train_recipe
 from bitlm.train.worker import FATAL_FILE, LocalSession, train_worker
 
 
 def _recipe(data, storage, *extra):
-    ov = [o for o in TINY if not o.startswith(("num_workers", "cpus_per"))]
-    return load_train_recipe(
-        None,
-        [
-            *ov,
-            "num_workers=1",
-            "global_batch_size=4",
-            f"data.path={data}",
-            f"storage_path={storage}",
-            "mlflow.enabled=false",
-            "zero_stage=1",
-            *extra,
-        ],
-        "local",
-    )
+    return local_recipe(data, storage, "local", "mlflow.enabled=false", "zero_stage=1", *extra)
 
 
 def test_changed_data_refuses_to_resume_unless_overridden(dist_world1, tmp_path, tiny_data):
