@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from bitlm.codec import SEMANTIC_MAX_VOCAB
 from bitlm.recipe import RecipeError, load_recipe, to_dict
+from pipeline.neardedup import Banding
 from pipeline.readers import DEFAULT_MAX_DOC_BYTES, DEFAULT_MAX_DOCS, DEFAULT_MAX_FILE_BYTES
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "FilterConfig",
     "InputSpec",
     "LimitsConfig",
+    "NearDedupConfig",
     "PreprocessConfig",
     "RayConfig",
     "TokenizerConfig",
@@ -58,6 +60,50 @@ class FilterConfig:
             raise RecipeError("filters: need 0 <= min_chars <= max_chars and max_chars >= 1")
         if not 0.0 <= self.max_control_fraction <= 1.0:
             raise RecipeError("filters.max_control_fraction must be in [0, 1]")
+
+
+@dataclass
+class NearDedupConfig:
+    """Near-duplicate removal: MinHash over word n-gram shingles with LSH bands (content).
+
+    A document that shares a band with an earlier one (processing order, this run or an earlier
+    run of the dataset) is dropped as ``near_duplicate`` (docs/preprocessing.md)."""
+
+    enabled: bool = False
+    threshold: float = 0.8  # estimated Jaccard similarity at which a document is a near duplicate
+    num_perm: int = 128  # MinHash permutations (signature length)
+    ngram: int = 5  # words per shingle
+    # LSH bands x rows (bands * rows <= num_perm); null: chosen for ``threshold`` as
+    # datasketch's MinHashLSH does (9 bands of 13 rows at 0.8 and 128), and recorded
+    bands: int | None = None
+    rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise RecipeError(f"near_dedup.threshold={self.threshold} must be in (0, 1]")
+        if not 2 <= self.num_perm <= 4096:
+            raise RecipeError(f"near_dedup.num_perm={self.num_perm} must be in [2, 4096]")
+        if self.ngram < 1:
+            raise RecipeError(f"near_dedup.ngram={self.ngram} must be >= 1")
+        if (self.bands is None) != (self.rows is None):
+            raise RecipeError("near_dedup.bands and near_dedup.rows: give both or neither")
+        if self.bands is not None and self.rows is not None:
+            if self.bands < 1 or self.rows < 1 or self.bands * self.rows > self.num_perm:
+                raise RecipeError(
+                    f"near_dedup: need bands >= 1, rows >= 1 and bands * rows <= num_perm, got "
+                    f"bands={self.bands}, rows={self.rows}, num_perm={self.num_perm}"
+                )
+        elif self.enabled:
+            from pipeline.neardedup import lsh_params
+
+            self.bands, self.rows = lsh_params(self.threshold, self.num_perm)
+
+    def banding(self) -> Banding | None:
+        """The banding of an enabled config, else None."""
+        if not self.enabled:
+            return None
+        assert self.bands is not None and self.rows is not None
+        return Banding(self.num_perm, self.bands, self.rows, self.ngram)
 
 
 @dataclass
@@ -118,6 +164,7 @@ class PreprocessConfig:
     max_files: int | None = None  # cap on input files (sorted order), e.g. for tiny recipes
     max_bytes: int | None = None  # cap on input bytes (sorted order; the file crossing it is kept)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     code_table: Literal["binary", "frequency", "semantic"] = "frequency"
@@ -171,6 +218,7 @@ class PreprocessConfig:
 
 CONTENT_KEYS = (
     "filters",
+    "near_dedup",
     "tokenizer",
     "code_table",
     "seq_len",

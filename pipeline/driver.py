@@ -7,7 +7,8 @@ Order of a run (each step resumable; the manifest is the commit point, written l
 4. scan pass (Ray Data): one index file per unit (path, position, hash, drop reason of every
    document).
 5. dedup (driver): replay every index file in commit order (earlier runs, then the new files in
-   sorted order); the first occurrence of a hash wins.
+   sorted order); the first occurrence of a hash wins; with near_dedup, a document sharing an
+   LSH band key with an earlier one is a near duplicate (``pipeline.neardedup``).
 6. encode pass (Ray Data): shards per unit, skipping units whose marker matches the plan.
 7. manifest (temp + rename / one PUT), then remove ``_work/``.
 
@@ -38,11 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import CONTENT_KEYS, InputSpec, PreprocessConfig
+from pipeline.neardedup import NearDuplicates, signature_scheme
 from pipeline.readers import InputUnreadable
 from pipeline.steps import alive, run_steps, scan_steps
 from pipeline.storage import InputFile, Storage, StorageError, is_s3, s3_options_from_env
 from pipeline.tokenizer import build_code_table, eod_id_of, sample_order, train_bpe
-from pipeline.units import codeword_dtype, index_rows, read_input, run_task
+from pipeline.units import IndexRows, codeword_dtype, index_rows, read_input, run_task
 
 __all__ = ["FORMAT_VERSION", "PreprocessError", "read_manifest", "run_preprocess", "storage_for"]
 
@@ -338,11 +340,12 @@ class IndexReader:
         self.storage, self.root = storage, root
         self._cache: dict[str, dict[str, Any]] = {}
 
-    def rows(self, index_path: str, path: str) -> tuple[list[int], list[Any], list[Any]]:
+    def rows(self, index_path: str, path: str) -> IndexRows:
+        """(positions, hashes, reasons, band keys) of one input file."""
         if index_path not in self._cache:
             self._cache.clear()  # files of one unit are contiguous in commit order
             self._cache[index_path] = index_rows(_read_index(self.storage, self.root, index_path))
-        return self._cache[index_path].get(path, ([], [], []))
+        return self._cache[index_path].get(path, ([], [], [], []))
 
 
 def _unindexed(storage: Storage, root: str, new: list[dict[str, Any]]) -> list[str]:
@@ -357,26 +360,38 @@ def _resolve(
     root: str,
     prior: list[dict[str, Any]],
     new: list[dict[str, Any]],
+    near: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Per new file: duplicate positions and counts. First occurrence in commit order wins."""
+    """Per new file: duplicate and near-duplicate positions and counts. First occurrence in
+    commit order wins; with ``near``, a document (not an exact duplicate) sharing an LSH band key
+    with an earlier document is a near duplicate."""
     seen: set[bytes] = set()
+    lsh = NearDuplicates()
     reader = IndexReader(storage, root)
     for rec in prior:
-        for h in reader.rows(rec["index"], rec["path"])[1]:
+        _, hashes, _, bands = reader.rows(rec["index"], rec["path"])
+        for h, b in zip(hashes, bands, strict=True):
             if h is not None:
                 seen.add(h)
+                if near:
+                    lsh.check(b)
     out: dict[str, dict[str, Any]] = {}
     for f in new:
-        positions, hashes, reasons = reader.rows(f["index"], f["path"])
+        positions, hashes, reasons, bands = reader.rows(f["index"], f["path"])
         dups: list[int] = []
+        near_dups: list[int] = []
         dropped: dict[str, int] = {}
-        for pos, h, r in zip(positions, hashes, reasons, strict=True):
+        for pos, h, r, b in zip(positions, hashes, reasons, bands, strict=True):
             if r is not None:
                 dropped[r] = dropped.get(r, 0) + 1
             elif h in seen:
                 dups.append(pos)
             else:
                 seen.add(h)
+                if near and lsh.check(b):
+                    near_dups.append(pos)
+        if near_dups:
+            dropped["near_duplicate"] = len(near_dups)
         n = len(positions)
         kept = n - len(dups) - sum(dropped.values())
         out[f["path"]] = {
@@ -385,6 +400,7 @@ def _resolve(
             "duplicates": len(dups),
             "dropped": dict(sorted(dropped.items())),
             "dups": dups,
+            "near_dups": near_dups,
         }
     return out
 
@@ -393,12 +409,20 @@ def _resolve(
 def _check_compatible(manifest: dict[str, Any], cfg: PreprocessConfig, root: str) -> None:
     old = manifest.get("recipe", {})
     new = cfg.content()
+    defaults = PreprocessConfig().content()  # a key added later: older datasets had its default
     for k in CONTENT_KEYS:
-        if old.get(k) != new[k]:
+        was = old.get(k, defaults[k])
+        if was != new[k]:
             raise PreprocessError(
-                f"{root} was built with {k}={old.get(k)!r}, this recipe has {k}={new[k]!r}: "
+                f"{root} was built with {k}={was!r}, this recipe has {k}={new[k]!r}: "
                 "a dataset keeps its content settings; write to a new output"
             )
+    scheme = manifest.get("near_dedup", {}).get("scheme")
+    if scheme is not None and scheme != signature_scheme():
+        raise PreprocessError(
+            f"{root} holds near_dedup signatures made with {scheme!r}; this install makes "
+            f"{signature_scheme()!r}, which would not match them: install that version"
+        )
 
 
 def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
@@ -494,6 +518,8 @@ def _run(
         "filters": asdict(cfg.filters),
         "limits": limits,
     }
+    banding = cfg.near_dedup.banding()
+    near = asdict(banding) if banding else None
     units = _plan_units(new, cfg.unit_bytes)
     unit_ids = [_key(*(f["path"] for f in u)) for u in units]
     _log(f"{len(new)} new input files in {len(units)} units")
@@ -502,11 +528,13 @@ def _run(
     scan_specs = []
     for uid, u in zip(unit_ids, units, strict=True):
         files_key = (f"{f['path']}\0{f['size']}\0{f['mtime']}" for f in u)
-        index = f"index/{_key(run_no, _canon(limits).decode(), *files_key)}.parquet"
+        near_key = [_canon(near).decode()] if near else []
+        index = f"index/{_key(run_no, _canon(limits).decode(), *near_key, *files_key)}.parquet"
         for f in u:
             f["index"] = index
         if index.split("/")[-1] not in done_index:
-            spec = {"kind": "scan", "unit": uid, "index": index, "files": u, **common}
+            spec = {"kind": "scan", "unit": uid, "index": index, "files": u, "near": near}
+            spec.update(common)
             scan_specs.append(spec)
     for r in _ray_map(cfg, scan_specs, "scan"):
         for p, why in sorted(r.get("skipped", {}).items()):
@@ -525,7 +553,7 @@ def _run(
     for round_no in range(len(new) + 1):
         active = [f for f in new if f["path"] not in skipped]
         t_dedup = time.perf_counter()
-        resolved = _resolve(storage, root, prior, active)
+        resolved = _resolve(storage, root, prior, active, near is not None)
         dedup_seconds += time.perf_counter() - t_dedup
         plan_units = [
             (uid, [f for f in u if f["path"] not in skipped])
@@ -540,6 +568,7 @@ def _run(
                 {
                     **f,
                     "dups": resolved[f["path"]]["dups"],
+                    "near_dups": resolved[f["path"]]["near_dups"],
                     "expect_kept": resolved[f["path"]]["kept"],
                 }
                 for f in u
@@ -726,7 +755,15 @@ def _build_manifest(
         "inputs": inputs,
         "counts": counts,
         "runs": runs,
+        **({"near_dedup": _near_record(cfg)} if cfg.near_dedup.enabled else {}),
     }
+
+
+def _near_record(cfg: PreprocessConfig) -> dict[str, Any]:
+    """How the dataset's near-dup band keys were made (the recipe has the settings)."""
+    b = cfg.near_dedup.banding()
+    assert b is not None
+    return {**asdict(b), "scheme": signature_scheme()}
 
 
 def _cleanup(storage: Storage, root: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.neardedup import Banding, band_keys
 from pipeline.readers import READER_REASONS
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "LengthFilter",
     "MarkDropped",
     "MarkDuplicates",
+    "MarkNearDuplicates",
+    "MinHashBands",
     "Normalise",
     "Packer",
     "SplitByHash",
@@ -63,6 +66,7 @@ STEP_NAMES = (
     "length",
     "hash",
     "dedup",
+    "near_dedup",
     "split",
     "tokenise",
     "encode",
@@ -74,6 +78,7 @@ REASONS = (
     "too_short",
     "too_long",
     "duplicate",
+    "near_duplicate",
     *(f"{n}_error" for n in STEP_NAMES),
 )
 _FATAL = (KeyboardInterrupt, SystemExit)
@@ -295,6 +300,28 @@ class HashDocs(Step):
         batch["hash"][i] = doc_hash(batch["text"][i])
 
 
+class MinHashBands(Step):
+    """``bands`` column: the LSH band keys of each alive document (``pipeline.neardedup``); None
+    for a document without a word. It never drops: the encode pass does not run it, so a
+    failure leaves the document without keys (counted as ``unsigned``), never a near duplicate."""
+
+    name = "minhash"
+
+    def __init__(self, banding: Banding) -> None:
+        super().__init__()
+        self.banding = banding
+
+    def apply(self, batch: Batch) -> Batch:
+        batch.setdefault("bands", [None] * len(batch["reason"]))
+        return self.each(batch, self.one)
+
+    def one(self, batch: Batch, i: int) -> None:
+        try:
+            batch["bands"][i] = band_keys(batch["text"][i], self.banding)
+        except Exception:
+            self.counters["unsigned"] += 1
+
+
 class Dedup(Step):
     """Exact dedup, first occurrence wins: drops a document whose hash is in ``seen``, else adds it.
     Feed batches in the global order (earlier runs, then sorted paths, then file order)."""
@@ -338,6 +365,15 @@ class MarkDuplicates(MarkDropped):
 
     def __init__(self, positions: Iterable[int]) -> None:
         super().__init__(positions, "duplicate")
+
+
+class MarkNearDuplicates(MarkDropped):
+    """Drops the documents at ``positions`` as ``near_duplicate`` (resolved by the driver)."""
+
+    name = "near_dedup"
+
+    def __init__(self, positions: Iterable[int]) -> None:
+        super().__init__(positions, "near_duplicate")
 
 
 class SplitByHash(Step):

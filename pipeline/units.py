@@ -4,11 +4,13 @@ A unit is a deterministic group of input files (its id is a hash of their paths)
 take a plain JSON-able spec, write their outputs with atomic whole-object writes, and finish with a
 marker, so a killed run that is rerun finds the finished units and redoes only the rest:
 
-- scan: read -> decode -> normalise -> filters -> hash, for each file; writes one
-  ``index/<key>.parquet`` for the unit (one row per document: file path, position, hash, drop
-  reason; <key> hashes the run number, the limits and the files' paths, sizes and mtimes). Its
-  presence is the marker. The driver resolves duplicates globally from these files.
-- encode: the same steps again, then mark the duplicates the driver resolved -> split ->
+- scan: read -> decode -> normalise -> filters -> hash (-> MinHash band keys with near_dedup),
+  for each file; writes one ``index/<key>.parquet`` for the unit (one row per document: file path,
+  position, hash, drop reason, and the ``bands`` keys with near_dedup; <key> hashes the run
+  number, the limits, the near_dedup banding and the files' paths, sizes and mtimes). Its
+  presence is the marker. The driver resolves duplicates and near duplicates globally from these
+  files.
+- encode: the same steps again, then mark the (near) duplicates the driver resolved -> split ->
   tokenise -> bit-encode -> pack -> write ``shards/<split>/<unit>-00000.parquet`` (and optional
   ``rejects/<unit>.jsonl.gz``), then the marker ``_work/units/<unit>.json``.
 
@@ -36,12 +38,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.neardedup import Banding
 from pipeline.readers import InputUnreadable, read_documents
 from pipeline.shards import encode_shard, sha256_hex
 from pipeline.steps import (
     Batch,
     Encode,
     MarkDuplicates,
+    MarkNearDuplicates,
+    MinHashBands,
     Packer,
     SplitByHash,
     Step,
@@ -117,12 +122,17 @@ class _Read(Step):
 
 
 def _read_file(
-    storage: Storage, f: dict[str, Any], filters: dict[str, Any], limits: dict[str, Any] | None
+    storage: Storage,
+    f: dict[str, Any],
+    filters: dict[str, Any],
+    limits: dict[str, Any] | None,
+    banding: Banding | None = None,
 ) -> tuple[Batch, list]:
     batch = read_input(storage, f, limits)
     steps = [
         _Read(),
         *scan_steps(filters["max_control_fraction"], filters["min_chars"], filters["max_chars"]),
+        *([MinHashBands(banding)] if banding else []),
     ]
     return run_steps(steps, batch), steps
 
@@ -130,37 +140,49 @@ def _read_file(
 INDEX_SCHEMA = pa.schema(
     [("path", pa.string()), ("index", pa.int64()), ("hash", pa.binary(16)), ("reason", pa.string())]
 )
+BANDS_FIELD = pa.field("bands", pa.list_(pa.uint64()))  # with near_dedup only
+
+IndexRows = tuple[list[int], list[bytes | None], list[str | None], list[list[int] | None]]
 
 
-def index_table(path: str, batch: Batch) -> pa.Table:
-    """One row per document of a file: path, position, 16-byte hash (null if dropped), reason."""
+def index_table(path: str, batch: Batch, bands: bool = False) -> pa.Table:
+    """One row per document of a file: path, position, 16-byte hash (null if dropped), reason,
+    and with ``bands`` its LSH band keys (null if dropped or without a word)."""
     n = len(batch["reason"])
+    alive = [r is None for r in batch["reason"]]
     hashes = batch.get("hash", [None] * n)
-    return pa.table(
-        {
-            "path": pa.array([path] * n, type=pa.string()),
-            "index": pa.array(batch["index"], type=pa.int64()),
-            "hash": pa.array(
-                [h if r is None else None for h, r in zip(hashes, batch["reason"], strict=True)],
-                type=pa.binary(16),
-            ),
-            "reason": pa.array(batch["reason"], type=pa.string()),
-        },
-        schema=INDEX_SCHEMA,
-    )
+    cols = {
+        "path": pa.array([path] * n, type=pa.string()),
+        "index": pa.array(batch["index"], type=pa.int64()),
+        "hash": pa.array(
+            [h if a else None for h, a in zip(hashes, alive, strict=True)], type=pa.binary(16)
+        ),
+        "reason": pa.array(batch["reason"], type=pa.string()),
+    }
+    schema = INDEX_SCHEMA
+    if bands:
+        keys = batch.get("bands", [None] * n)
+        cols["bands"] = pa.array(
+            [k if a else None for k, a in zip(keys, alive, strict=True)], type=BANDS_FIELD.type
+        )
+        schema = schema.append(BANDS_FIELD)
+    return pa.table(cols, schema=schema)
 
 
-def index_rows(
-    table: pa.Table,
-) -> dict[str, tuple[list[int], list[bytes | None], list[str | None]]]:
-    """An index table -> {path: (positions, hashes, reasons)}, in file and document order."""
-    out: dict[str, tuple[list[int], list[bytes | None], list[str | None]]] = {}
-    cols = [table.column(c).to_pylist() for c in ("path", "index", "hash", "reason")]
-    for path, pos, h, r in zip(*cols, strict=True):
-        rows = out.setdefault(path, ([], [], []))
+def index_rows(table: pa.Table) -> dict[str, IndexRows]:
+    """An index table -> {path: (positions, hashes, reasons, band keys)}, in file and document
+    order (band keys all None in an index written without near_dedup)."""
+    out: dict[str, IndexRows] = {}
+    names = ("path", "index", "hash", "reason")
+    cols = [table.column(c).to_pylist() for c in names]
+    n = table.num_rows
+    bands = table.column("bands").to_pylist() if "bands" in table.column_names else [None] * n
+    for path, pos, h, r, b in zip(*cols, bands, strict=True):
+        rows = out.setdefault(path, ([], [], [], []))
         rows[0].append(pos)
         rows[1].append(h)
         rows[2].append(r)
+        rows[3].append(b)
     return out
 
 
@@ -178,16 +200,18 @@ def scan_unit(spec: dict[str, Any]) -> dict[str, Any]:
     nbytes = 0
     tables = []
     skipped: dict[str, str] = {}
+    banding = Banding(**spec["near"]) if spec.get("near") else None
     for f in spec["files"]:
         try:
-            batch, steps = _read_file(storage, f, spec["filters"], spec.get("limits"))
+            batch, steps = _read_file(storage, f, spec["filters"], spec.get("limits"), banding)
         except InputUnreadable as e:
             skipped[f["path"]] = f"unreadable: {e}"
             continue
         merge_counters(counters, step_counters(steps))
         nbytes += f["size"]
-        tables.append(index_table(f["path"], batch))
-    table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+        tables.append(index_table(f["path"], batch, banding is not None))
+    schema = INDEX_SCHEMA.append(BANDS_FIELD) if banding else INDEX_SCHEMA
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     storage.write_atomic(f"{spec['root']}/{spec['index']}", _table_bytes(table))
     return {
         "unit": spec["unit"],
@@ -244,14 +268,15 @@ def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
             skipped[f["path"]] = f"unreadable: {e}"
             continue
         dedup: Step = MarkDuplicates(f["dups"])
-        batch = dedup(batch)
+        near: Step = MarkNearDuplicates(f.get("near_dups", []))
+        batch = near(dedup(batch))
         live = alive(batch)
         if len(live) != f["expect_kept"]:
             skipped[f["path"]] = (
                 f"changed: {len(live)} documents kept now, {f['expect_kept']} at scan time"
             )
             continue
-        merge_counters(counters, step_counters([*steps, dedup]))
+        merge_counters(counters, step_counters([*steps, dedup, near]))
         inputs.append(f["path"])
         batch = run_steps([split, tokenise, encode], batch)
         late: dict[str, list[int]] = {}

@@ -6,6 +6,10 @@ files not listed in the manifest (left by an interrupted run) are reported as wa
 ``sample_units`` units, the input files are read again (under the limits of the run that
 processed them), the same steps applied, duplicates replayed from the index files and late drops
 from the manifest, and the decoded shard documents must equal the kept documents exactly.
+
+With near_dedup, the LSH lookup is replayed from the index files' band keys over every input: each
+input's ``near_duplicate`` count must equal the manifest's, and for the sampled units the band
+keys are computed again from the text and must equal the index's.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.driver import IndexReader, _root, read_manifest, storage_for
+from pipeline.neardedup import Banding, NearDuplicates
 from pipeline.shards import decode_shard, sha256_hex
 from pipeline.steps import (
     MarkDropped,
     MarkDuplicates,
+    MarkNearDuplicates,
+    MinHashBands,
     SplitByHash,
     alive,
     run_steps,
@@ -150,9 +157,15 @@ def _decode_sample(
     for rec in manifest["inputs"]:
         if rec["unit"] is not None and rec["unit"] not in units:
             units.append(rec["unit"])
-    if not units or sample_units <= 0:
+    near_cfg = manifest["recipe"].get("near_dedup", {})
+    banding = (
+        Banding(near_cfg["num_perm"], near_cfg["bands"], near_cfg["rows"], near_cfg["ngram"])
+        if near_cfg.get("enabled")
+        else None
+    )
+    if banding is None and (not units or sample_units <= 0):
         return []
-    n = min(sample_units, len(units))
+    n = min(max(sample_units, 0), len(units))
     pick = [
         units[i] for i in sorted({round(k * (len(units) - 1) / max(1, n - 1)) for k in range(n)})
     ]
@@ -160,20 +173,28 @@ def _decode_sample(
     flt = manifest["recipe"]["filters"]
     split = SplitByHash(manifest["recipe"]["val_fraction"])
     seen: set[bytes] = set()
+    lsh = NearDuplicates()
     want = set(pick)
     expected: dict[str, dict[str, list[str]]] = {u: {"train": [], "val": []} for u in pick}
     reader = IndexReader(storage, root)
     # limits of the run that read each file; None (no caps) for runs recorded before limits
     limits_of = {r["run"]: r.get("limits") for r in manifest.get("runs", [])}
     for rec in manifest["inputs"]:
-        positions, hashes, _ = reader.rows(rec["index"], rec["path"])
-        dups = []
-        for pos, h in zip(positions, hashes, strict=True):
+        positions, hashes, _, bands = reader.rows(rec["index"], rec["path"])
+        dups, near = [], []
+        for pos, h, b in zip(positions, hashes, bands, strict=True):
             if h is None:
                 continue
             if h in seen:
                 dups.append(pos)
+            elif banding is not None and lsh.check(b):
+                near.append(pos)
             seen.add(h)
+        if len(near) != rec["dropped"].get("near_duplicate", 0):
+            errors.append(
+                f"{rec['path']}: {len(near)} near duplicates in the index, manifest says "
+                f"{rec['dropped'].get('near_duplicate', 0)}"
+            )
         if rec["unit"] not in want:
             continue
         try:
@@ -190,7 +211,18 @@ def _decode_sample(
             continue
         steps = [
             *scan_steps(flt["max_control_fraction"], flt["min_chars"], flt["max_chars"]),
+            *([MinHashBands(banding)] if banding else []),
+        ]
+        batch = run_steps(steps, batch)
+        if banding is not None:
+            got_bands = [
+                batch["bands"][i] if r is None else None for i, r in enumerate(batch["reason"])
+            ]
+            if got_bands != bands:
+                errors.append(f"{rec['path']}: LSH band keys in the index differ from the text's")
+        steps = [
             MarkDuplicates(dups),
+            MarkNearDuplicates(near),
             *(MarkDropped(pos, r) for r, pos in sorted(rec.get("late_drops", {}).items())),
             split,
         ]

@@ -80,3 +80,26 @@ def test_sigkill_during_incremental_run(ray_local, corpus, make_config, pp, tmp_
     assert proc.returncode == -signal.SIGKILL
     run_preprocess(make_config(corpus.inputs(), str(out)))
     assert pp.tree_bytes(out) == pp.tree_bytes(ref)
+
+
+def test_sigkill_with_near_dedup_then_rerun_is_byte_identical(
+    ray_local, corpus, make_config, pp, tmp_path: Path
+) -> None:
+    first = corpus.docs[str(corpus.root / "lines/l1.txt")]
+    words = " ".join(first[:12]).split()
+    corpus.add_docs("json/j0.jsonl", "jsonl", [" ".join(words), " ".join(words[:-3])])
+    near = {"near_dedup": {"enabled": True}}
+    ref = tmp_path / "ref"
+    run_preprocess(make_config(corpus.inputs(), str(ref), **near))
+    assert "near_duplicate" in (ref / "manifest.json").read_text()
+    want = pp.tree_bytes(ref)
+    address = ray_local.get_runtime_context().gcs_address
+    for point in ("after_scan", "after_unit", "before_manifest"):
+        out = tmp_path / point
+        recipe = pp.recipe(corpus.inputs(), str(out), **near)
+        proc = launch(recipe, tmp_path, address, {KILL_ENV: point})
+        log = proc.communicate(timeout=180)[0].decode(errors="replace")
+        assert proc.returncode == -signal.SIGKILL, log[-3000:]
+        run_preprocess(make_config(corpus.inputs(), str(out), **near))
+        assert pp.tree_bytes(out) == want, point
+    assert verify(str(out), sample_units=100)["ok"]
