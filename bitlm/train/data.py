@@ -9,6 +9,11 @@
 The order is a pure function of (seed, position): it does not depend on the number of workers
 and resuming is index arithmetic (no replay, no state beyond the position). A permutation costs
 O(1) memory, so it scales to billions of rows (levanter's design).
+
+Versions: each preprocessing run that commits the manifest is a version (its ``run`` number);
+version v is the shards of runs 1..v. Runs only append, so version v's rows are the first rows of
+every later version, and a reader pinned to v sees the same rows (and order) however much the
+dataset grows. ``select_version`` is the rule a launch uses to pick one.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -33,6 +38,7 @@ __all__ = [
     "Manifest",
     "open_fs",
     "rank_positions",
+    "select_version",
 ]
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -61,6 +67,7 @@ class ShardInfo:
     path: str  # relative to the dataset folder
     rows: int
     sha256: str
+    run: int = 1  # the preprocessing run (dataset version) that added it
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class Manifest:
     tokenizer_hash: str
     code_table_hash: str
     shards: dict[str, tuple[ShardInfo, ...]]  # split -> shards
+    version: int = 1  # the newest run number; shards of later runs are not included
 
     @classmethod
     def load(cls, root: str) -> Manifest:
@@ -92,8 +100,12 @@ class Manifest:
         try:
             shards: dict[str, list[ShardInfo]] = {}
             for s in d["shards"]:
-                info = ShardInfo(str(s["path"]), int(s["rows"]), str(s.get("sha256", "")))
+                info = ShardInfo(
+                    str(s["path"]), int(s["rows"]), str(s.get("sha256", "")), int(s.get("run", 1))
+                )
                 shards.setdefault(str(s["split"]), []).append(info)
+            runs = [int(r["run"]) for r in d.get("runs", [])]
+            runs += [i.run for v in shards.values() for i in v]
             return cls(
                 root=root.rstrip("/"),
                 seq_len=int(d["seq_len"]),
@@ -105,9 +117,28 @@ class Manifest:
                 tokenizer_hash=str(d["tokenizer_hash"]),
                 code_table_hash=str(d["code_table_hash"]),
                 shards={k: tuple(v) for k, v in shards.items()},
+                version=max(runs, default=1),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{root}/manifest.json: missing or bad key: {e}") from None
+
+    def at_version(self, version: int) -> Manifest:
+        """The dataset as its run ``version`` committed it (the shards of runs 1..version)."""
+        if not 1 <= version <= self.version:
+            raise DataError(
+                f"{self.root}: no dataset version {version} (versions 1..{self.version})"
+            )
+        shards = {k: tuple(s for s in v if s.run <= version) for k, v in self.shards.items()}
+        return replace(self, shards={k: v for k, v in shards.items() if v}, version=version)
+
+    def version_of(self, split: str, fingerprint: str, version: int | None = None) -> int | None:
+        """The version whose ``split`` has ``fingerprint``: ``version`` if it matches, else (no
+        version recorded) the newest one that does; None when none does (the data changed)."""
+        candidates = range(self.version, 0, -1) if version is None else [version]
+        for v in candidates:
+            if 1 <= v <= self.version and self.at_version(v).fingerprint(split) == fingerprint:
+                return v
+        return None
 
     def fingerprint(self, split: str) -> str:
         """sha256 over (tokenizer_hash, code_table_hash, sorted (path, sha256) of the split)."""
@@ -188,6 +219,21 @@ class FeistelPermutation:
         return y.astype(np.int64)
 
 
+def select_version(
+    setting: Literal["pinned", "latest"] | int, latest: int, pinned: int | None
+) -> int:
+    """The dataset version a launch trains on (``data.dataset_version``): ``"pinned"`` keeps the
+    checkpoint's version ``pinned`` (a fresh run, ``pinned`` None, takes ``latest``), ``"latest"``
+    takes ``latest``, an integer takes that version."""
+    if isinstance(setting, int):
+        if not 1 <= setting <= latest:
+            raise DataError(f"data.dataset_version={setting}: the dataset has versions 1..{latest}")
+        return setting
+    if setting == "latest" or pinned is None:
+        return latest
+    return pinned
+
+
 def rank_positions(step: int, rank: int, world_size: int, global_batch: int) -> np.ndarray:
     """The sample positions rank ``rank`` consumes at optimizer step ``step`` (0-based)."""
     per_rank = global_batch // world_size
@@ -199,9 +245,18 @@ class Dataset:
     """One split, random access by global row, deterministic order by position."""
 
     def __init__(
-        self, root: str, split: str = "train", seed: int = 0, cache_row_groups: int = 64
+        self,
+        root: str,
+        split: str = "train",
+        seed: int = 0,
+        cache_row_groups: int = 64,
+        version: int | None = None,
     ) -> None:
+        """``version``: the dataset version to read (None: the newest)."""
         self.manifest = Manifest.load(root)
+        if version is not None:
+            self.manifest = self.manifest.at_version(version)
+        self.version = self.manifest.version
         self.split = split
         self.seed = seed
         shards = self.manifest.shards.get(split, ())
