@@ -38,6 +38,10 @@ class DataConfig:
     eval_split: str = "val"  # used for eval loss when present; "" disables
     seed: int = 1234  # seeds the global sample permutation (one per epoch)
     allow_fingerprint_change: bool = False  # resume on changed data (explicit override)
+    # Which version of a growing dataset (one per preprocessing run) to train on: "pinned" keeps
+    # the version the run started with across resumes (a new run takes the newest), "latest"
+    # moves a resumed run to the newest, an integer N trains on version N.
+    dataset_version: Literal["pinned", "latest"] | int = "pinned"
     row_group_cache: int = 64  # row groups kept in memory per worker
     vocab_from_manifest: bool = True  # set model.vocab_size from the dataset's manifest
 
@@ -204,6 +208,9 @@ class TrainRecipe:
             raise bad("checkpoint.keep_last", "must be >= 1")
         if self.mlflow.log_every < 1:
             raise bad("mlflow.log_every", "must be >= 1")
+        v = self.data.dataset_version
+        if isinstance(v, int) and v < 1:
+            raise bad("data.dataset_version", "must be pinned, latest or a version >= 1")
         if self.failure.max_failures < -1:
             raise bad("failure.max_failures", "must be >= -1 (-1: unlimited)")
         if self.failure.spike_ratio < 0:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .config import TrainRecipe
-from .data import DataError, Manifest, open_fs
+from .data import DataError, Manifest, open_fs, select_version
 from .tracking import (
     default_tracking_uri,
     describe_changes,
@@ -123,6 +123,7 @@ def run(recipe: TrainRecipe) -> RunResult:
     man.check_model(recipe.model.vocab_size, recipe.model.block_size)
     if not man.shards.get(recipe.data.split):
         raise DataError(f"{recipe.data.path}: no shards in split {recipe.data.split!r}")
+    select_version(recipe.data.dataset_version, man.version, None)  # a version N must exist
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -149,6 +150,7 @@ def run(recipe: TrainRecipe) -> RunResult:
         tracking_uri=worker_uri,
         mlflow_run_id=run_id,
         params_synced=synced,
+        dataset_version=man.version,  # every rank (and every restart of this launch) agrees
     )
     trainer = TorchTrainer(
         train_worker,

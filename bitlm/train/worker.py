@@ -35,7 +35,7 @@ import torch.distributed as dist
 from ..model import BitLM
 from ..recipe import from_dict
 from .config import TrainRecipe
-from .data import DataError, Dataset, open_fs, rank_positions
+from .data import DataError, Dataset, Manifest, open_fs, rank_positions, select_version
 from .safeload import UnsafeCheckpointError, weights_only_loads
 
 log = logging.getLogger("bitlm.train")
@@ -296,6 +296,7 @@ class RunInfo:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     params_synced: bool = False  # the driver logged the params and said what changed
+    dataset_version: int | None = None  # the dataset's newest version at launch (None: read it)
 
 
 def _device(recipe: TrainRecipe) -> torch.device:
@@ -343,14 +344,11 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
         )
     accum = recipe.global_batch_size // (recipe.micro_batch_size * world)
 
-    data = Dataset(
-        recipe.data.path, recipe.data.split, recipe.data.seed, recipe.data.row_group_cache
-    )
-    man = data.manifest
+    man = Manifest.load(recipe.data.path)  # the codec facts are the same in every version
     if recipe.data.vocab_from_manifest and recipe.model.vocab_size != man.vocab_size:
         recipe = replace(recipe, model=replace(recipe.model, vocab_size=man.vocab_size))
     man.check_model(recipe.model.vocab_size, recipe.model.block_size)
-    table = data.codec.table
+    table = man.code_table()
     seq_len = man.seq_len
 
     torch.manual_seed(recipe.seed)  # identical init on every rank
@@ -374,17 +372,20 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
     # ---- resume ----
     step, tokens_seen = 0, 0
     nonfinite = NonFiniteGuard(recipe.failure.max_nonfinite_steps)
+    latest = min(run.dataset_version or man.version, man.version)
+    state: dict[str, Any] | None = None
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
             state = json.loads((Path(ckpt) / STATE_FILE).read_text())
-            if state["fingerprint"] != data.fingerprint:
-                if not recipe.data.allow_fingerprint_change:
-                    raise FatalTrainingError(
-                        f"the dataset changed since the checkpoint (fingerprint "
-                        f"{state['fingerprint'][:12]} -> {data.fingerprint[:12]}); set "
-                        f"data.allow_fingerprint_change=true to resume anyway"
-                    )
-                log.warning("resuming on changed data (data.allow_fingerprint_change)")
+        version, pinned = _dataset_version(recipe, man, state, latest)
+        data = Dataset(
+            recipe.data.path,
+            recipe.data.split,
+            recipe.data.seed,
+            recipe.data.row_group_cache,
+            version,
+        )
+        if state is not None:
             if state["world_size"] != world:
                 raise FatalTrainingError(
                     f"checkpoint was written by {state['world_size']} workers, this run has "
@@ -402,7 +403,9 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             nonfinite.streak = int(state.get("nonfinite_streak", 0))
             log.info("rank %d: resumed from step %d (%s)", rank, step, ckpt)
     started_from_scratch = step == 0
+    switched = pinned is not None and pinned != version
     if rank == 0:
+        _log_version(recipe, data, pinned, latest, step)
         log.info(
             "engine ready in %.1f s (ZeRO-%d, %s)",
             time.perf_counter() - t_start,
@@ -430,8 +433,17 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             tracker.set_tags(
                 {
                     "data_fingerprint": data.fingerprint,
+                    "dataset_version": str(version),
                     "tokenizer_hash": man.tokenizer_hash,
                     "flops_per_token": f"{flops_per_token:.6g}",
+                }
+            )
+        elif switched:
+            tracker.set_tags(
+                {
+                    "data_fingerprint": data.fingerprint,
+                    "dataset_version": str(version),
+                    f"dataset_switch.step_{step}": f"{pinned} -> {version}",
                 }
             )
 
@@ -567,7 +579,9 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
                 win = {"t": 0.0, "data": 0.0, "tokens": 0, "steps": 0}
 
             if recipe.eval.every_steps and step % recipe.eval.every_steps == 0:
-                _evaluate(recipe, engine, man, data.codec, step, rank, world, device, tracker)
+                _evaluate(
+                    recipe, engine, data.manifest, data.codec, step, rank, world, device, tracker
+                )
 
             due = recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0
             minutes = recipe.checkpoint.every_minutes
@@ -589,6 +603,65 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             index_log.close()
         if tracker is not None:
             tracker.close(recipe.mlflow.flush_timeout_s)
+
+
+def _dataset_version(
+    recipe: TrainRecipe, man: Manifest, state: dict[str, Any] | None, latest: int
+) -> tuple[int, int | None]:
+    """(the dataset version this launch reads, the checkpoint's version: None for a fresh run or
+    when no version matches the checkpoint's fingerprint). A checkpoint without a recorded
+    version (written before versions) is matched by its fingerprint; one that matches no version
+    stops the run unless data.allow_fingerprint_change."""
+    d = recipe.data
+    pinned = None
+    if state is not None:
+        pinned = man.version_of(d.split, state["fingerprint"], state.get("dataset_version"))
+        if pinned is None:
+            now = man.at_version(latest).fingerprint(d.split)
+            if not d.allow_fingerprint_change:
+                raise FatalTrainingError(
+                    f"the dataset changed since the checkpoint (fingerprint "
+                    f"{state['fingerprint'][:12]} -> {now[:12]}, no version of {d.path} has the "
+                    f"checkpoint's shards); set data.allow_fingerprint_change=true to resume anyway"
+                )
+            log.warning("resuming on changed data (data.allow_fingerprint_change)")
+    try:
+        return select_version(d.dataset_version, latest, pinned), pinned
+    except DataError as e:
+        raise FatalTrainingError(str(e)) from None
+
+
+def _log_version(
+    recipe: TrainRecipe,
+    data: Dataset,
+    pinned: int | None,
+    latest: int,
+    step: int,
+) -> None:
+    """Rank 0 says which dataset version this launch reads, and why when it is not the newest
+    or not the checkpoint's."""
+    where = (
+        f"dataset {recipe.data.path}: version {data.version} ({data.num_rows} {data.split} rows)"
+    )
+    if pinned is not None and pinned != data.version:
+        log.warning(
+            "%s: the checkpoint was trained on version %d; data.dataset_version=%s moves the run "
+            "to version %d: from step %d on, samples follow a new permutation of its rows",
+            where,
+            pinned,
+            recipe.data.dataset_version,
+            data.version,
+            step,
+        )
+    elif pinned is not None and latest > data.version:
+        log.info(
+            "%s, the checkpoint's; the dataset has grown to version %d since, which this run does "
+            "not read (data.dataset_version=latest moves it there)",
+            where,
+            latest,
+        )
+    else:
+        log.info("%s", where)
 
 
 def _guard(recipe: TrainRecipe, step: int, loss: float, ema: float | None) -> None:
@@ -635,6 +708,7 @@ def _save(recipe, engine, session, data, step, tokens_seen, loss, rank, nonfinit
                 "data_position": step * recipe.global_batch_size,
                 "data_seed": recipe.data.seed,
                 "fingerprint": data.fingerprint,
+                "dataset_version": data.version,
                 "world_size": session.world_size,
                 "zero_stage": recipe.zero_stage,
                 "run_name": session.run_name,
@@ -680,7 +754,9 @@ def _evaluate(recipe, engine, man, codec, step, rank, world, device, tracker) ->
         ev = None
         if recipe.data.eval_split and recipe.data.eval_split in man.shards:
             with contextlib.suppress(DataError):  # e.g. an empty val split: no eval loss
-                ev = Dataset(recipe.data.path, recipe.data.eval_split, recipe.data.seed)
+                ev = Dataset(
+                    recipe.data.path, recipe.data.eval_split, recipe.data.seed, version=man.version
+                )
         total = torch.zeros(2, device=device)
         gains: dict[str, float] = {}
         gathered = contextlib.nullcontext()

@@ -74,6 +74,9 @@ def test_ar_variant_is_one_field_group():
         (["model.output_head=mlp"], "model.output_head='mlp'"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last=0"),
         (["name=bad name"], "name='bad name'"),
+        (["data.dataset_version=newest"], "data.dataset_version='newest'"),
+        (["data.dataset_version=0"], "data.dataset_version=0"),
+        (["data.dataset_version=true"], "data.dataset_version=True"),
     ],
 )
 def test_bad_values_are_named(overrides, needle):
