@@ -640,12 +640,15 @@ def _check_dataset(parent: RunRef, ckpt: str, state: dict[str, Any]) -> None:
         raise EvalError(f"run {parent.name!r}: its dataset is unreadable: {e}") from None
     if parent.split not in man.shards:
         raise EvalError(f"{parent.data_path}: no {parent.split!r} split to evaluate on")
-    fp = man.fingerprint(parent.train_split)
-    if state.get("fingerprint") not in (None, fp):
+    fp = state.get("fingerprint")  # of the dataset version it was trained on (grown since: ok)
+    if (
+        fp is not None
+        and man.version_of(parent.train_split, fp, state.get("dataset_version")) is None
+    ):
         raise EvalError(
-            f"checkpoint {ckpt} was trained on another dataset (fingerprint "
-            f"{str(state['fingerprint'])[:12]}), run {parent.name!r} uses {parent.data_path} "
-            f"(fingerprint {fp[:12]})"
+            f"checkpoint {ckpt} was trained on another dataset (fingerprint {str(fp)[:12]}), "
+            f"run {parent.name!r} uses {parent.data_path} (fingerprint "
+            f"{man.fingerprint(parent.train_split)[:12]})"
         )
 
 
