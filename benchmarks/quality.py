@@ -153,8 +153,9 @@ class Bench:
     def sample_stats(self, model: BitLM) -> dict[str, float]:
         """Continuations of the validation prompts, sampled (temperature 1: the headline),
         greedy (temperature 0), and every entry of eval.samplers ({name, temperature, cfg_scale,
-        steps}; cfg_scale and steps only act on diffusion heads, so an entry meant for them
-        alone names `diffusion_only: true`), each scored by the reference n-gram."""
+        steps, commit}; cfg_scale, steps and commit only act on diffusion heads, so an entry
+        meant for them alone names `diffusion_only: true`), each scored by the reference n-gram;
+        for diffusion heads also the head evaluations each sampled block needed."""
         P, new = self.ev["prompt_tokens"], self.ev["new_tokens"]
         samplers = [{"name": "", "temperature": 1.0}, {"name": "_greedy", "temperature": 0.0}]
         samplers += [
@@ -165,7 +166,9 @@ class Bench:
         out: dict[str, float] = {}
         for sm in samplers:
             g = torch.Generator(device=self.device).manual_seed(self.ev["seed"])
-            kw = {k: sm[k] for k in ("temperature", "cfg_scale", "steps") if k in sm}
+            kw = {k: sm[k] for k in ("temperature", "cfg_scale", "steps", "commit") if k in sm}
+            if model.is_diffusion:
+                model.head.sample_evals = 0
             seq = model.generate(self.prompts.to(self.device), new, generator=g, **kw)
             seq = seq.cpu().tolist()
             cont = [s[P:] for s in seq]
@@ -174,6 +177,9 @@ class Bench:
             out[f"gen/unigram_entropy{sfx}"] = unigram_entropy(cont)
             out[f"gen/distinct_2{sfx}"] = distinct_n(cont, 2)
             out[f"gen/repetition_rate{sfx}"] = repetition_rate(cont, 4)
+            if model.is_diffusion:  # head evaluations per sampled block (K when fixed)
+                blocks = len(seq) * -(-new // model.config.block_size)
+                out[f"gen/head_evals_per_block{sfx}"] = model.head.sample_evals / blocks
         return out
 
     def run(self, name: str, overrides: dict[str, Any], code_table: str | None) -> dict[str, Any]:
@@ -188,6 +194,7 @@ class Bench:
         for step in range(tr["steps"]):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, tr)
+            model.set_step(step)
             x = self.train.tokens_at(np.arange(step * B, (step + 1) * B)).to(self.device)
             loss = model.loss(x, g)
             opt.zero_grad(set_to_none=True)

@@ -30,7 +30,17 @@ WEIGHTS = {
     "slot0x4": [4.0, 1.0, 1.0, 1.0],
     "detach": [1.0, 1.0, 1.0, 1.0],
     "slot0only": [1.0, 0.0, 0.0, 0.0],
+    "ramp": [1.0, 1.0, 1.0, 1.0],  # slots 1-3 off until RAMP[0], weight 1 from RAMP[1]
+    "lr3x": [1.0, 1.0, 1.0, 1.0],
 }
+RAMP = (100, 200)
+
+
+def slot_weights(name: str, step: int) -> torch.Tensor:
+    w = torch.tensor(WEIGHTS.get(name, [1.0]))
+    if name == "ramp":
+        w[1:] *= min(1.0, max(0.0, (step - RAMP[0]) / (RAMP[1] - RAMP[0])))
+    return w
 SLOTS = dict(block_size=4, input="embedding", output_head="softmax", input_block_order="reversed")
 
 
@@ -38,12 +48,13 @@ def run(bench: Bench, name: str, steps: int) -> list[dict]:
     tr = bench.tr
     ar = name == "ar-bits"
     model = bench.build(dict(block_size=1, output_head="softmax") if ar else SLOTS)
-    w = torch.tensor(WEIGHTS.get(name, [1.0]))
-    opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], betas=(0.9, 0.95), weight_decay=0.01)
+    lr = tr["lr"] * (3.0 if name == "lr3x" else 1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     B, curve = tr["batch_size"], []
     for step in range(steps):
         for group in opt.param_groups:  # warm-up, then constant
-            group["lr"] = tr["lr"] * min(1.0, (step + 1) / tr["warmup_steps"])
+            group["lr"] = lr * min(1.0, (step + 1) / tr["warmup_steps"])
+        w = slot_weights(name, step)
         x = bench.train.tokens_at(np.arange(step * B, (step + 1) * B))
         h = model.conditions(x)  # [b, N, m, d]
         if name == "detach":
@@ -71,12 +82,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=125)
     p.add_argument("--data", default=str(ROOT / "data/stdlib-prose"))
     p.add_argument("--out", default="")
+    p.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
     a = p.parse_args()
     ensure_dataset(Path(a.data))
     grid = yaml.safe_load((ROOT / "benchmarks/quality_grid.yaml").read_text())
     bench = Bench(grid, Path(a.data), torch.device("cpu"))
     res = {"benchmark": "slot_interference", "steps": a.steps, "variants": {}}
-    for name in ("ar-bits", *WEIGHTS):
+    for name in a.only or ("ar-bits", *WEIGHTS):
         res["variants"][name] = run(bench, name, a.steps)
     out = Path(
         a.out

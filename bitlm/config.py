@@ -68,13 +68,21 @@ class ModelConfig:
     # staggered per-slot noise (0: one t per block, the paper's): t_j = clamp(tau - s (m-1-j)),
     # in training and sampling, so each slot is learned given partly revealed predecessors
     slot_stagger: float = 0.0
-    slot_loss_decay: float = 1.0  # weight slot j of the diffusion loss by decay^j (1: equal)
+    slot_loss_decay: float = 1.0  # weight slot j of the loss by decay^j (1: equal)
+    # slot curriculum (0, 0: off, the paper's): slots 1..m-1 enter the loss with weight 0 until
+    # training step slot_ramp_start, rising linearly to 1 at slot_ramp_end; slot 0 (next-token
+    # prediction) is trained alone first, so the far slots' marginals do not stall it
+    slot_ramp_start: int = 0
+    slot_ramp_end: int = 0
     diffusion_batch_mul: int = 4
     cond_dropout: float = 0.1
     self_conditioning: bool = False
     # sampling defaults
     sample_steps: int = 15
     cfg_scale: float = 1.0  # 1.0 = conditional only; the paper uses 9.0 at 8B
+    # adaptive denoising: a block stops early once every bit's |x0_hat| > sample_commit with a
+    # stable sign (1.0: never, the fixed-K sampler)
+    sample_commit: float = 1.0
 
     def __post_init__(self) -> None:
         if self.ffn_hidden == 0:
@@ -146,10 +154,16 @@ class ModelConfig:
             raise ValueError("model.time_min/time_max: need 0 <= time_min < time_max <= 1")
         if not 0.0 < self.slot_loss_decay <= 1.0:
             raise ValueError("model.slot_loss_decay must be in (0, 1]")
+        if not 0 <= self.slot_ramp_start <= self.slot_ramp_end:
+            raise ValueError(
+                "model.slot_ramp_start/end: need 0 <= slot_ramp_start <= slot_ramp_end"
+            )
         if not 0.0 <= self.slot_stagger <= 1.0:
             raise ValueError("model.slot_stagger must be in [0, 1]")
         if self.slot_stagger > 0 and (self.time_min, self.time_max) != (0.0, 1.0):
             raise ValueError("model.time_min/time_max cannot be combined with slot_stagger")
+        if not 0.0 <= self.sample_commit <= 1.0:
+            raise ValueError("model.sample_commit must be in [0, 1]")
         if not 0.0 <= self.known_prefix_prob <= 1.0:
             raise ValueError("model.known_prefix_prob must be in [0, 1]")
         if self.loss == "bit_ce" and not self.head_squash:

@@ -39,7 +39,7 @@ def slot_times(tau: Tensor, m: int, stagger: float) -> Tensor:
 
 
 def diffusion_loss(
-    out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, kind: str, slot_decay: float = 1.0
+    out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, kind: str, slot_weight: Tensor | None = None
 ) -> Tensor:
     """Mean loss over blocks and bits. out: the head's x0_hat [R, m, B], or for bit_ce its
     pre-squash output (x0_hat = tanh(out)); x0, x_t [R, m, B]; t [R] or [R, m].
@@ -48,8 +48,9 @@ def diffusion_loss(
     cross-entropy of x0 under P(bit = +1) = (1 + x0_hat)/2 = sigmoid(2 out), in nats; like
     x0_mse it is minimised by the posterior mean E[x0 | x_t, h], so the sampler is unchanged,
     but its gradient does not vanish when tanh saturates on a wrong bit.
-    slot_decay < 1 weights slot j by slot_decay^j (normalised): slot 0 is next-token prediction.
-    With per-slot t [R, m], slots at t = 0 (known, clean: x_t = x0) are left out of the mean."""
+    slot_weight [m] weights the slots (normalised; None: equal; BitLM.slot_weight: the decay
+    and the curriculum). With per-slot t [R, m], slots at t = 0 (known, clean: x_t = x0) are
+    left out of the mean."""
     if kind == "bit_ce":
         err = torch.nn.functional.softplus(-2.0 * out.float() * x0.float())
     else:
@@ -57,10 +58,10 @@ def diffusion_loss(
     if kind == "v_loss":
         tt = t.float().clamp_min(V_LOSS_MIN_T).pow(2)
         err = err / (tt[:, None, None] if tt.dim() == 1 else tt[..., None])
-    if slot_decay == 1.0 and t.dim() == 1:
+    if slot_weight is None and t.dim() == 1:
         return err.mean()
-    w = slot_decay ** torch.arange(err.shape[1], device=err.device, dtype=torch.float32)
-    w = w.expand(err.shape[:2])  # [R, m]
+    w = torch.ones(err.shape[1], device=err.device) if slot_weight is None else slot_weight
+    w = w.float().expand(err.shape[:2])  # [R, m]
     if t.dim() == 2:
         w = w * (t > 0)
     return (err.mean(-1) * w).sum() / w.sum().clamp_min(1e-12)
@@ -80,14 +81,20 @@ def euler_sample(
     known_mask: Tensor | None = None,
     self_conditioning: bool = False,
     stagger: float = 0.0,
-) -> Tensor:
+    commit: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """K Euler steps of the probability-flow ODE from x_1 ~ N(0, temperature^2 I) to t = 0:
-    x <- x + (t_next - t) (x - x0_hat) / t. Returns the continuous x_0 [R, m, B].
+    x <- x + (t_next - t) (x - x0_hat) / t. Returns (the continuous x_0 [R, m, B], the head
+    evaluations each row needed [R]).
 
     known [R, m, B] / known_mask [R, m] (bool): inpainting; known slots are held at their noised
     true values (one fixed noise draw) during denoising and set to the true bits at the end.
     stagger > 0: per-slot times (slot_times) along tau from 1 + stagger (m-1) to 0, in
-    ceil(K (1 + stagger (m-1))) steps so that each slot still gets about K."""
+    ceil(K (1 + stagger (m-1))) steps so that each slot still gets about K.
+    commit < 1: adaptive denoising. A block (row) whose every free bit has |x0_hat| > commit
+    with the same sign as at the previous evaluation jumps to x = x0_hat (t = 0) and is frozen;
+    the loop ends when every row has (rows still running in a batch are evaluated together,
+    so the saving is per block at batch 1). commit = 1 (the default) is the fixed-K sampler."""
     x = torch.randn(shape, device=device, generator=generator, dtype=torch.float32) * temperature
     x = x.to(dtype)
     if known is not None:
@@ -97,7 +104,9 @@ def euler_sample(
     span = 1.0 + stagger * (m - 1)
     n = steps if stagger == 0 else math.ceil(steps * span)
     taus = torch.linspace(span, 0.0, n + 1, device=device)
-    x_sc = None
+    x_sc = prev = None
+    done = torch.zeros(shape[0], dtype=torch.bool, device=device)  # committed rows
+    evals = torch.zeros(shape[0], dtype=torch.long, device=device)
     for i in range(n):
         if stagger == 0:
             t, t_next = taus[i], taus[i + 1]
@@ -109,9 +118,22 @@ def euler_sample(
         if known is not None:
             x = torch.where(km, (1 - t) * known + t * known_noise, x)
         x0 = x0_fn(x, tt, x_sc)
+        evals += ~done
         x_sc = x0 if self_conditioning else None
         # slots already clean (t = 0) or not started (t = t_next = 1) do not move
-        x = x + (t_next - t) * (x - x0) / t.clamp_min(1e-6)
+        step = x + (t_next - t) * (x - x0) / t.clamp_min(1e-6)
+        if commit >= 1.0 or prev is None:
+            x, prev = step, x0
+            continue
+        sure = (x0.abs() > commit) & (torch.sign(x0) == torch.sign(prev))
+        if known is not None:
+            sure |= km
+        ready = sure.flatten(1).all(-1) & ~done  # [R]
+        x = torch.where(done[:, None, None], x, torch.where(ready[:, None, None], x0, step))
+        done |= ready
+        prev = x0
+        if bool(done.all()):
+            break
     if known is not None:
         x = torch.where(km, known, x)
-    return x
+    return x, evals

@@ -98,6 +98,7 @@ class DiffusionHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.sample_evals = 0  # sum over sampled blocks of the head evaluations each needed
         B, W = cfg.num_bits, cfg.head_width
         self.in_proj = nn.Linear(B * (2 if cfg.self_conditioning else 1), W)
         self.slot_pos = nn.Parameter(torch.randn(cfg.block_size, W) * 0.02)
@@ -184,16 +185,23 @@ class DiffusionHead(nn.Module):
         return (1 - tt) * x0 + tt * eps
 
     def loss(
-        self, x_t: Tensor, t: Tensor, h: Tensor, words: Tensor, x_sc: Tensor | None = None
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        h: Tensor,
+        words: Tensor,
+        x_sc: Tensor | None = None,
+        slot_weight: Tensor | None = None,
     ) -> Tensor:
-        """Head forward + diffusion_loss (cfg.loss) against the bits of words [R, m] -> scalar."""
+        """Head forward + diffusion_loss (cfg.loss) against the bits of words [R, m] -> scalar;
+        slot_weight [m] or None (equal)."""
         if self.use_fused(x_t):
             from .kernels.fused_head import fused_loss
 
-            return fused_loss(self, x_t, t, h, words, x_sc)
+            return fused_loss(self, x_t, t, h, words, x_sc, slot_weight)
         x0 = words_to_bits(words, x_t.shape[-1], x_t.dtype)
         out = self.reference_forward(x_t, t, h, x_sc, squash=self.cfg.loss != "bit_ce")
-        return diffusion_loss(out, x0, x_t, t, self.cfg.loss, self.cfg.slot_loss_decay)
+        return diffusion_loss(out, x0, x_t, t, self.cfg.loss, slot_weight)
 
     # ---- decoding ----------------------------------------------------------------------------
     def guided(self, h: Tensor, cfg_scale: float):
@@ -221,11 +229,14 @@ class DiffusionHead(nn.Module):
         generator: torch.Generator | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
+        commit: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
         """One block per row: K Euler steps with guidance, sign() and exact repair.
-        h [R, m, d]; known [R, m, B] bits / known_mask [R, m] (inpainting).
-        Returns (valid code words [R, m] int64, continuous x0 [R, m, B])."""
-        if self.use_fused(h) and self.cfg.slot_stagger == 0:
+        h [R, m, d]; known [R, m, B] bits / known_mask [R, m] (inpainting); commit < 1:
+        adaptive denoising (euler_sample). Returns (valid code words [R, m] int64, continuous
+        x0 [R, m, B]). Adds the head evaluations each block needed to self.sample_evals."""
+        if self.use_fused(h) and self.cfg.slot_stagger == 0 and commit >= 1.0:
+            self.sample_evals += steps * h.shape[0]
             from .kernels.fused_head import fused_sample_block
 
             return fused_sample_block(
@@ -240,7 +251,7 @@ class DiffusionHead(nn.Module):
                 known_mask=known_mask,
             )
         R, m, _ = h.shape
-        x = euler_sample(
+        x, evals = euler_sample(
             self.guided(h, cfg_scale),
             (R, m, self.cfg.num_bits),
             steps,
@@ -252,7 +263,9 @@ class DiffusionHead(nn.Module):
             known_mask=known_mask,
             self_conditioning=self.cfg.self_conditioning,
             stagger=self.cfg.slot_stagger,
+            commit=commit,
         )
+        self.sample_evals += int(evals.sum())
         return codec.repair(x), x
 
 

@@ -95,6 +95,10 @@ class BitLM(nn.Module):
         self.backbone = Backbone(cfg)
         self.head = DiffusionHead(cfg) if cfg.output_head == "diffusion" else SoftmaxHead(cfg)
         self._init_backbone()
+        # loss weight of each slot (slot_loss_decay, slot curriculum); set_step updates it
+        self.register_buffer("slot_weight", torch.ones(cfg.block_size), persistent=False)
+        self._uniform_slots = True
+        self.set_step(0)
 
     def _init_backbone(self) -> None:
         first = self.input.fc1 if isinstance(self.input, BitInput) else None
@@ -175,6 +179,24 @@ class BitLM(nn.Module):
         )
 
     # ---- training ----------------------------------------------------------------------------
+    def set_step(self, step: int) -> None:
+        """Tell the model the training step it is at (the slot curriculum depends on it);
+        trainers call it before every optimizer step, resumed runs with the resumed step."""
+        cfg = self.config
+        w = cfg.slot_loss_decay ** torch.arange(cfg.block_size, dtype=torch.float32)
+        if cfg.slot_ramp_end > 0:
+            span = cfg.slot_ramp_end - cfg.slot_ramp_start
+            w[1:] *= (
+                min(1.0, max(0.0, (step - cfg.slot_ramp_start) / span))
+                if span
+                else float(step >= cfg.slot_ramp_end)
+            )
+        self._uniform_slots = bool((w == 1.0).all())
+        self.slot_weight.copy_(w)
+
+    def _slot_weight(self) -> Tensor | None:
+        return None if self._uniform_slots else self.slot_weight
+
     def forward(self, tokens: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.loss(tokens, generator)
 
@@ -183,7 +205,12 @@ class BitLM(nn.Module):
         h = self.conditions(tokens)  # [b, N, m, d]
         if not self.is_diffusion:
             logits = self.head(h).float()  # [b, N, m, V]
-            return F.cross_entropy(logits.flatten(0, 2), tokens.flatten())
+            w = self._slot_weight()
+            if w is None:
+                return F.cross_entropy(logits.flatten(0, 2), tokens.flatten())
+            ce = F.cross_entropy(logits.flatten(0, 2), tokens.flatten(), reduction="none")
+            w = w.float()
+            return (ce.view(-1, len(w)) * w).sum() / (w.sum() * ce.numel() / len(w))
         return self.head_loss(h, tokens, generator)
 
     def head_loss(self, h: Tensor, tokens: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -216,7 +243,8 @@ class BitLM(nn.Module):
             with torch.no_grad():
                 first = self.head(x_t, t, h)
             x_sc = torch.where(use[:, None, None], first, torch.zeros_like(first))
-        return self.head.loss(x_t, t, h, words, x_sc)  # head + diffusion_loss; fused on CUDA
+        # head + diffusion_loss; fused on CUDA
+        return self.head.loss(x_t, t, h, words, x_sc, self._slot_weight())
 
     # ---- sampling ----------------------------------------------------------------------------
     def sample_block(
@@ -229,8 +257,10 @@ class BitLM(nn.Module):
         generator: torch.Generator | None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
+        commit: float | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Sample one block per row. h [R, m, d]; known [R, m] ids, known_mask [R, m] bool.
+        """Sample one block per row. h [R, m, d]; known [R, m] ids, known_mask [R, m] bool;
+        commit: adaptive denoising threshold (default cfg.sample_commit).
         Returns (ids [R, m], continuous x0 [R, m, B] or logits)."""
         if not self.is_diffusion:
             logits = self.head(h).float()  # [R, m, V]
@@ -251,6 +281,7 @@ class BitLM(nn.Module):
                 generator=generator,
                 known=kb,
                 known_mask=known_mask,
+                commit=self.config.sample_commit if commit is None else commit,
             )
             ids, logits = self.codec.from_codewords(words), x
         if known is not None:
@@ -267,9 +298,11 @@ class BitLM(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        commit: float | None = None,
     ) -> Tensor:
         """prompt [b, P] (any P >= 0) -> [b, P + max_new_tokens]. Block by block: sample the next
-        block from the conditions, then one backbone call over its m tokens (KV cache)."""
+        block from the conditions, then one backbone call over its m tokens (KV cache).
+        commit: adaptive denoising threshold (default cfg.sample_commit; 1: fixed K)."""
         cfg = self.config
         steps = cfg.sample_steps if steps is None else steps
         cfg_scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
@@ -297,6 +330,7 @@ class BitLM(nn.Module):
                 generator=generator,
                 known=known,
                 known_mask=known_mask,
+                commit=commit,
             )
             seq = torch.cat([seq[:, : seq.shape[1] - rem], block], 1)
             rem = 0

@@ -71,14 +71,15 @@ def fused_loss(
     h: Tensor,
     words: Tensor,
     x_sc: Tensor | None = None,
+    slot_weight: Tensor | None = None,
 ) -> Tensor:
     """Head forward + the fused loss (kernel (c)); the clean bits come from words [R, m]."""
     out = fused_forward(head, x_t, t, h, x_sc, squash=False)
     cfg = head.cfg
-    if cfg.loss == "bit_ce" or t.dim() != 1 or cfg.slot_loss_decay != 1.0:
+    if cfg.loss == "bit_ce" or t.dim() != 1 or slot_weight is not None:
         x0 = words_to_bits(words, x_t.shape[-1], out.dtype)
         pred = out if cfg.loss == "bit_ce" or not cfg.head_squash else torch.tanh(out)
-        return diffusion_loss(pred, x0, x_t, t, cfg.loss, cfg.slot_loss_decay)
+        return diffusion_loss(pred, x0, x_t, t, cfg.loss, slot_weight)
     return fused_bit_loss(out, words, t, squash=head.cfg.head_squash, kind=head.cfg.loss)
 
 

@@ -253,6 +253,9 @@ def test_head_loss_parity(device, dtype, kw):
     eps = rnd(torch.randn(R, m, B, generator=g), dtype)
     h = rnd(torch.randn(R, m, cfg.d_model, generator=g), dtype)
     x_sc = rnd(torch.randn(R, m, B, generator=g).tanh(), dtype) if cfg.self_conditioning else None
+    # the slot weights BitLM.set_step makes from slot_loss_decay
+    sw = cfg.slot_loss_decay ** torch.arange(m, dtype=torch.float32)
+    sw = None if cfg.slot_loss_decay == 1.0 else sw
 
     def run(fused: bool, dt, dev):
         hd = copy.deepcopy(head).to(dev, dt)
@@ -262,7 +265,8 @@ def test_head_loss_parity(device, dtype, kw):
         sc = None if x_sc is None else x_sc.to(dev, dt)
         x_t = hd.noise(words.to(dev), tt, eps.to(dev, dt))
         x0_hat = hd(x_t, tt, hh, sc)
-        loss = hd.loss(x_t, tt, hh, words.to(dev), sc)
+        w = None if sw is None else sw.to(dev)
+        loss = hd.loss(x_t, tt, hh, words.to(dev), sc, w)
         loss.backward()
         grads = {n: p.grad for n, p in hd.named_parameters() if p.grad is not None}
         return {"x_t": x_t, "x0_hat": x0_hat, "loss": loss, "dh": hh.grad, **grads}

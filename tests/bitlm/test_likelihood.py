@@ -151,3 +151,43 @@ def test_known_slots_are_left_out_of_the_loss() -> None:
         got = diffusion_loss(out, x0, x0, t, kind)
         want = diffusion_loss(out[:, 1:], x0[:, 1:], x0[:, 1:], torch.full((2,), 0.5), kind)
         torch.testing.assert_close(got, want)
+
+
+def test_slot_curriculum_weights_and_loss() -> None:
+    """slot_ramp_start/end: slots 1..m-1 carry no loss before the ramp, half at its middle, all
+    after it (times slot_loss_decay^j); with weight 0 the softmax loss is slot 0's alone and the
+    diffusion loss ignores what the head outputs on the far slots."""
+    model = BitLM(
+        tiny(
+            block_size=4,
+            vocab_size=50,
+            output_head="softmax",
+            slot_ramp_start=10,
+            slot_ramp_end=30,
+            slot_loss_decay=0.5,
+        )
+    )
+    for step, ramp in ((0, 0.0), (10, 0.0), (20, 0.5), (30, 1.0), (99, 1.0)):
+        model.set_step(step)
+        want = torch.tensor([1.0, 0.5 * ramp, 0.25 * ramp, 0.125 * ramp])
+        torch.testing.assert_close(model.slot_weight, want)
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.set_step(0)
+    h = model.conditions(tokens)
+    ce = torch.nn.functional.cross_entropy(
+        model.head(h)[:, :, 0].flatten(0, 1), tokens[:, ::4].flatten()
+    )
+    torch.testing.assert_close(model.loss(tokens), ce)
+    model.set_step(30)
+    assert not torch.allclose(model.loss(tokens), ce)
+
+    x0 = torch.ones(2, 3, 4)
+    out = torch.zeros(2, 3, 4)
+    out[:, 1:] = -50.0  # wildly wrong on the slots that are not trained yet
+    w = torch.tensor([1.0, 0.0, 0.0])
+    for kind in ("x0_mse", "v_loss", "bit_ce"):
+        t = torch.full((2,), 0.5)
+        got = diffusion_loss(out, x0, x0, t, kind, w)
+        torch.testing.assert_close(got, diffusion_loss(out[:, :1], x0[:, :1], x0[:, :1], t, kind))
+    with pytest.raises(ValueError, match="slot_ramp"):
+        tiny(slot_ramp_start=5, slot_ramp_end=2)

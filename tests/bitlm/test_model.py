@@ -100,6 +100,60 @@ def test_ar_baseline_generates_with_cache() -> None:
     assert model.loss(torch.randint(0, 50, (2, 8))).isfinite()
 
 
+def test_adaptive_denoising_commits_confident_rows_only() -> None:
+    """euler_sample(commit=c): a row whose bits are all beyond c with a stable sign jumps to
+    x0_hat and stops; a row that keeps flipping runs all K steps exactly as the fixed-K sampler
+    does; the loop ends when every row is done."""
+    from bitlm.diffusion import euler_sample
+
+    flips = {"n": 0}
+
+    def x0_fn(x, t, sc):
+        flips["n"] += 1
+        out = torch.full_like(x, 0.9)
+        out[1] *= (-1) ** flips["n"]  # row 1 never stable
+        return out
+
+    kw = dict(device=torch.device("cpu"), dtype=torch.float64)
+    fixed, k_fixed = euler_sample(
+        x0_fn, (2, 3, 5), 8, generator=torch.Generator().manual_seed(0), **kw
+    )
+    flips["n"] = 0
+    adapt, k = euler_sample(
+        x0_fn, (2, 3, 5), 8, generator=torch.Generator().manual_seed(0), commit=0.5, **kw
+    )
+    assert k_fixed.tolist() == [8, 8] and k.tolist() == [2, 8]
+    assert torch.equal(adapt[0], torch.full((3, 5), 0.9, dtype=torch.float64))  # committed
+    assert torch.equal(adapt[1], fixed[1])
+    _, k_one = euler_sample(
+        lambda x, t, sc: torch.full_like(x, 0.9), (2, 3, 5), 8, commit=0.5, **kw
+    )
+    assert k_one.tolist() == [2, 2]  # the second evaluation confirms the signs
+    _, k_strict = euler_sample(
+        lambda x, t, sc: torch.full_like(x, 0.9), (2, 3, 5), 8, commit=0.95, **kw
+    )
+    assert k_strict.tolist() == [8, 8]
+
+
+def test_adaptive_denoising_strictest_is_fixed_k_and_saves_steps() -> None:
+    torch.manual_seed(0)
+    model = BitLM(tiny()).double().eval()
+    with torch.no_grad():  # a confident head (the zero-initialised one predicts 0 everywhere)
+        model.head.out.bias.copy_(3.0 * torch.randn(model.head.out.bias.shape).sign())
+    prompt = torch.randint(0, 50, (2, 6))
+    outs, evals = [], []
+    for commit in (None, 1.0, 0.0):
+        model.head.sample_evals = 0
+        g = torch.Generator().manual_seed(5)
+        outs.append(model.generate(prompt, 8, steps=6, generator=g, commit=commit))
+        evals.append(model.head.sample_evals)
+    assert torch.equal(outs[0], outs[1]) and evals[0] == evals[1] == 6 * 3 * 2  # 2 rows x 3 blocks
+    assert evals[2] == 2 * 3 * 2  # every block confirmed by its second evaluation
+    assert outs[2].shape == outs[0].shape and int(outs[2].max()) < 50
+    with pytest.raises(ValueError, match="sample_commit"):
+        tiny(sample_commit=1.5)
+
+
 def test_evaluate_reports_metrics() -> None:
     torch.manual_seed(0)
     model = BitLM(tiny()).eval()
