@@ -1,9 +1,11 @@
 """The slot-interference experiment of docs/quality.md: the same m = 4 backbone (embedding input,
 reversed input blocks) with a per-slot softmax head, trained on the quality benchmark's data with
-the loss on all four slots, slot 0 weighted 4x, slots 1-3 detached from the backbone, or slot 0
-only; per-slot validation bits/token every 25 steps. An AR model with bits input is the yardstick.
+the loss on all four slots, slot 0 weighted 4x, slots 1-3 detached from the backbone, slot 0
+only, slots 1-3 ramped in from step 100 to 200 (the slot curriculum), or all slots at 3x the
+learning rate; per-slot validation bits/token every 25 steps. An AR model with bits input is the
+yardstick.
 
-    python benchmarks/slot_interference.py [--steps 125] [--out results.json]
+    python benchmarks/slot_interference.py [--steps 125] [--only NAME ...] [--out results.json]
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def slot_weights(name: str, step: int) -> torch.Tensor:
     if name == "ramp":
         w[1:] *= min(1.0, max(0.0, (step - RAMP[0]) / (RAMP[1] - RAMP[0])))
     return w
+
+
 SLOTS = dict(block_size=4, input="embedding", output_head="softmax", input_block_order="reversed")
 
 
