@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 
-__all__ = ["Backbone", "KVCache", "RMSNorm", "block_causal_mask", "block_causal_mask_mod"]
+__all__ = [
+    "Backbone",
+    "KVCache",
+    "RMSNorm",
+    "StaticKVCache",
+    "block_causal_mask",
+    "block_causal_mask_mod",
+]
 
 
 def block_causal_mask(q_pos: Tensor, k_pos: Tensor, block_size: int) -> Tensor:
@@ -68,6 +75,32 @@ class KVCache:
         return k, v
 
 
+class StaticKVCache:
+    """Preallocated per-layer keys and values [b, n_kv_heads, max_len, hd], written in place:
+    no reallocation or copy of the old entries per decoding step. Same interface as KVCache;
+    update returns views of the filled prefix."""
+
+    def __init__(
+        self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        shape = (cfg.n_layers, 2, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.buf = torch.empty(shape, device=device, dtype=dtype)
+        self.filled = [0] * cfg.n_layers
+
+    @property
+    def length(self) -> int:
+        return self.filled[0]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        start, T = self.filled[layer], k.shape[2]
+        if start + T > self.buf.shape[4]:
+            raise ValueError(f"StaticKVCache holds {self.buf.shape[4]} positions, got {start + T}")
+        self.buf[layer, 0, :, :, start : start + T] = k
+        self.buf[layer, 1, :, :, start : start + T] = v
+        self.filled[layer] = end = start + T
+        return self.buf[layer, 0, :, :, :end], self.buf[layer, 1, :, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -80,7 +113,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, pos: Tensor, mask: Tensor | None, cache: KVCache | StaticKVCache | None
+    ) -> Tensor:
         b, T, _ = x.shape
         c, hd = self.cfg, self.cfg.head_dim
         q = self.q_norm(self.wq(x).view(b, T, c.n_heads, hd)).transpose(1, 2)  # [b, h, T, hd]
@@ -114,7 +149,9 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, pos: Tensor, mask: Tensor | None, cache: KVCache | StaticKVCache | None
+    ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), pos, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -128,7 +165,7 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | StaticKVCache | None = None) -> Tensor:
         T = x.shape[1]
         start = cache.length if cache is not None else 0
         pos = torch.arange(start, start + T, device=x.device)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Backbone, KVCache, RMSNorm
+from .backbone import Backbone, KVCache, RMSNorm, StaticKVCache
 from .codec import BitCodec, CodeTable
 from .config import ModelConfig
 from .diffusion import sample_time, slot_times
@@ -144,7 +144,7 @@ class BitLM(nn.Module):
                 f"{self.config.block_size}, got {tuple(tokens.shape)}"
             )
 
-    def run_backbone(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def run_backbone(self, x: Tensor, cache: KVCache | StaticKVCache | None = None) -> Tensor:
         """Block-aligned input vectors [b, T, d] (T a multiple of m) -> hidden states
         [b, T, d]; adds the slot embedding when configured."""
         if self.slot_emb is not None:
@@ -297,11 +297,13 @@ class BitLM(nn.Module):
         cfg_scale: float | None = None,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
-        use_cache: bool = True,
+        use_cache: bool | str = True,
         commit: float | None = None,
     ) -> Tensor:
         """prompt [b, P] (any P >= 0) -> [b, P + max_new_tokens]. Block by block: sample the next
         block from the conditions, then one backbone call over its m tokens (KV cache).
+        use_cache: True or "static" (a preallocated StaticKVCache, the default for decoding),
+        "dynamic" (grown by concatenation), False (recompute the whole prefix every block).
         commit: adaptive denoising threshold (default cfg.sample_commit; 1: fixed K)."""
         cfg = self.config
         steps = cfg.sample_steps if steps is None else steps
@@ -311,7 +313,14 @@ class BitLM(nn.Module):
         total = P + max_new_tokens
         n_full, rem = divmod(P, m)
         seq = prompt
-        cache = KVCache(cfg.n_layers) if use_cache else None
+        if use_cache not in (True, False, "static", "dynamic"):
+            raise ValueError(f"use_cache={use_cache!r}: must be True, False, static or dynamic")
+        cache: KVCache | StaticKVCache | None = None
+        if use_cache == "dynamic":
+            cache = KVCache(cfg.n_layers)
+        elif use_cache:
+            dtype = self.start.dtype
+            cache = StaticKVCache(cfg, b, -(-(total + m) // m) * m, prompt.device, dtype)
         # Conditions for target block n_full: input blocks [S, data blocks 0..n_full-1].
         x = torch.cat([self.start.expand(b, m, -1), self.embed_blocks(prompt[:, : n_full * m])], 1)
         h = self.slot_conditions(self.run_backbone(x, cache)[:, -m:])  # [b, m, d]

@@ -79,13 +79,13 @@ def test_kv_cache_equals_recomputation(P: int, head: str) -> None:
     model = BitLM(tiny(**kw)).double().eval()
     prompt = torch.randint(0, 50, (3, P))
     outs = []
-    for use_cache in (True, False):
+    for use_cache in ("static", "dynamic", False):
         g = torch.Generator().manual_seed(11)
         outs.append(
             model.generate(prompt, 9, steps=4, cfg_scale=2.0, generator=g, use_cache=use_cache)
         )
     assert outs[0].shape == (3, P + 9)
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert torch.equal(outs[0][:, :P], prompt)
 
 
@@ -96,8 +96,25 @@ def test_ar_baseline_generates_with_cache() -> None:
     prompt = torch.randint(0, 50, (2, 5))
     a = model.generate(prompt, 6, generator=torch.Generator().manual_seed(3))
     b = model.generate(prompt, 6, generator=torch.Generator().manual_seed(3), use_cache=False)
-    assert torch.equal(a, b)
+    c = model.generate(prompt, 6, generator=torch.Generator().manual_seed(3), use_cache="dynamic")
+    assert torch.equal(a, b) and torch.equal(a, c)
     assert model.loss(torch.randint(0, 50, (2, 8))).isfinite()
+
+
+def test_static_cache_is_bounded_and_equals_dynamic() -> None:
+    from bitlm.backbone import KVCache, StaticKVCache
+
+    cfg = tiny()
+    static = StaticKVCache(cfg, 2, 8, torch.device("cpu"), torch.float32)
+    dynamic = KVCache(cfg.n_layers)
+    for T in (4, 1, 3):
+        k, v = torch.randn(2, cfg.n_kv_heads, T, cfg.head_dim), torch.randn(2, 2, T, 8)
+        for got, want in zip(static.update(0, k, v), dynamic.update(0, k, v), strict=True):
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        static.update(0, k[:, :, :1], v[:, :, :1])
+    with pytest.raises(ValueError, match="use_cache"):
+        BitLM(cfg).generate(torch.zeros(1, 4, dtype=torch.long), 4, use_cache="yes")
 
 
 def test_adaptive_denoising_commits_confident_rows_only() -> None:
