@@ -7,12 +7,18 @@ every run (``tokenizer.path``), so the pipeline and the baseline do the same tok
 - pipeline: ``run_preprocess`` into a fresh folder on a local Ray started with ``num_cpus=n``
   (Ray start-up is excluded and reported apart); covers read -> scan -> dedup -> tokenise ->
   encode -> pack -> write -> manifest.
+- pipeline with ``near_dedup: {enabled: true}`` (defaults: 128 permutations, 9 bands x 13 rows,
+  word 5-grams), reported beside the run without it (``near_dedup``: seconds, slowdown, the scan
+  phase's share and the near duplicates it dropped); ``--near-dedup off`` skips it.
+- minhash (in this process, one core): ``band_keys`` (numpy shingle hashes + datasketch
+  ``MinHash.update_batch``) over the same documents, beside datasketch's own per-shingle SHA-1
+  path (``MinHash.update_batch`` on the shingle bytes) for the same shingles.
 - raw: ``Tokenizer.encode_batch_fast`` over the same documents already in memory, with
   ``RAYON_NUM_THREADS=n`` (TOKENIZERS_PARALLELISM on for n > 1); no reading, no writing.
 
 Each measurement runs in its own subprocess. JSON on stdout (and ``--out``).
 
-    python benchmarks/preprocess.py [--mb 50] [--cpus 1 2] [--out results.json]
+    python benchmarks/preprocess.py [--mb 50] [--cpus 1 2] [--near-dedup both|off] [--out f.json]
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ def corpus_files(mb: float) -> list[str]:
     return out
 
 
-def recipe(files_dir: str, output: str, tokenizer: str, cpus: int) -> dict:
+def recipe(files_dir: str, output: str, tokenizer: str, cpus: int, near: bool = False) -> dict:
     return {
         "name": "bench",
         "inputs": [{"path": files_dir, "glob": "**/*.py", "format": "text", "text_unit": "file"}],
@@ -54,6 +60,7 @@ def recipe(files_dir: str, output: str, tokenizer: str, cpus: int) -> dict:
         # the frequency code table is counted on a 1 MB sample (tokenised once, in the driver)
         "tokenizer": {"path": tokenizer, "sample_bytes": 1_000_000},
         "filters": {"min_chars": 1, "max_chars": 10_000_000},
+        "near_dedup": {"enabled": near},
         "code_table": "frequency",
         "seq_len": 1024,
         "block_size": 4,
@@ -82,7 +89,8 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     )
     ray_start = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as out:
-        cfg = from_dict(PreprocessConfig, recipe(args.files_dir, out, args.tokenizer, cpus))
+        r = recipe(args.files_dir, out, args.tokenizer, cpus, args.worker == "pipeline-near")
+        cfg = from_dict(PreprocessConfig, r)
         t0 = time.perf_counter()
         s = run_preprocess(cfg)
         secs = time.perf_counter() - t0
@@ -94,6 +102,8 @@ def run_pipeline(args: argparse.Namespace) -> dict:
         "ray_start_seconds": ray_start,
         "input_bytes": s["input_bytes"],
         "docs_kept": s["run"]["kept"],
+        "duplicates": s["run"]["duplicates"],
+        "near_duplicates": s["run"]["dropped"].get("near_duplicate", 0),
         "tokens": tokens,
         "packed_tokens": s["run"]["tokens"],
         "mb_per_s": s["input_bytes"] / 1e6 / secs,
@@ -126,6 +136,32 @@ def run_raw(args: argparse.Namespace) -> dict:
     }
 
 
+def minhash_costs(texts: list[str]) -> dict:
+    from datasketch import MinHash
+
+    from pipeline.neardedup import Banding, band_keys, words
+
+    b = Banding(num_perm=128, bands=9, rows=13, ngram=5)
+    t0 = time.perf_counter()
+    for t in texts:
+        band_keys(t, b)
+    ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for t in texts:
+        w = words(t)
+        m = MinHash(128, seed=1)
+        m.update_batch({" ".join(w[i : i + 5]).encode() for i in range(max(1, len(w) - 4))})
+    sha1 = time.perf_counter() - t0
+    nbytes = sum(len(t.encode()) for t in texts)
+    return {
+        "docs": len(texts),
+        "band_keys_seconds": ours,
+        "band_keys_mb_per_s": nbytes / 1e6 / ours,
+        "us_per_doc": ours / len(texts) * 1e6,
+        "datasketch_sha1_seconds": sha1,
+    }
+
+
 def sub(kind: str, cpus: int, files_dir: str, tokenizer: str) -> dict:
     env = {**os.environ, "RAYON_NUM_THREADS": str(cpus)}
     env["TOKENIZERS_PARALLELISM"] = "true" if (kind == "raw" and cpus > 1) else "false"
@@ -142,13 +178,14 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=50.0)
     ap.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--near-dedup", choices=["both", "off"], default="both")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--worker", choices=["pipeline", "raw"], default=None)
+    ap.add_argument("--worker", choices=["pipeline", "pipeline-near", "raw"], default=None)
     ap.add_argument("--files-dir", default=None)
     ap.add_argument("--tokenizer", default=None)
     a = ap.parse_args()
     if a.worker:
-        res = run_pipeline(a) if a.worker == "pipeline" else run_raw(a)
+        res = run_raw(a) if a.worker == "raw" else run_pipeline(a)
         print(json.dumps(res))
         return
 
@@ -170,6 +207,7 @@ def main() -> None:
         tok_path = Path(tmp) / "tokenizer.json"
         tok_path.write_text(train_bpe(sample, a.vocab, 2, "<|eod|>"))
         train_s = time.perf_counter() - t0
+        texts = [normalise_text(Path(p).read_bytes().decode("utf-8", "replace")) for p in files]
         result: dict = {
             "benchmark": "preprocess",
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -182,6 +220,8 @@ def main() -> None:
             "tokenizer_train_seconds": train_s,
             "runs": {},
         }
+        if a.near_dedup == "both":
+            result["minhash_1cpu"] = minhash_costs(texts)
         for n in a.cpus:
             pipe = sub("pipeline", n, str(src), str(tok_path))
             raw = sub("raw", n, str(src), str(tok_path))
@@ -191,6 +231,15 @@ def main() -> None:
                 "ratio_mb_per_s": pipe["mb_per_s"] / raw["mb_per_s"],
                 "ratio_tokens_per_s": pipe["tokens_per_s"] / raw["tokens_per_s"],
             }
+            if a.near_dedup == "both":
+                near = sub("pipeline-near", n, str(src), str(tok_path))
+                result["runs"][str(n)]["near_dedup"] = {
+                    "pipeline": near,
+                    "slowdown": near["seconds"] / pipe["seconds"],
+                    "extra_seconds": near["seconds"] - pipe["seconds"],
+                    "extra_scan_seconds": near["phases"]["scan"] - pipe["phases"]["scan"],
+                    "ratio_mb_per_s": near["mb_per_s"] / raw["mb_per_s"],
+                }
             print(f"cpus={n}: {json.dumps(result['runs'][str(n)])}", file=sys.stderr)
     text = json.dumps(result, indent=1)
     print(text)

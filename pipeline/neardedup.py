@@ -33,6 +33,7 @@ __all__ = [
     "lsh_params",
     "shingle_hashes",
     "signature_scheme",
+    "words",
 ]
 
 SEED = 1  # datasketch's permutation seed (fixed: it is part of the dataset's content)
@@ -70,15 +71,20 @@ class Banding:
     ngram: int
 
 
+def words(text: str) -> list[str]:
+    """The words a document is shingled by: ``\\w+`` runs of its lower-cased text."""
+    return _WORD.findall(text.lower())
+
+
 def shingle_hashes(text: str, ngram: int) -> np.ndarray:
     """Sorted unique 32-bit hashes of the word ``ngram``-shingles of ``text`` (empty: no words)."""
-    words = _WORD.findall(text.lower())
-    if not words:
+    ws = words(text)
+    if not ws:
         return np.zeros(0, np.uint32)
-    h = np.fromiter((crc32(w.encode()) for w in words), np.uint64, count=len(words))
-    m = max(1, len(words) - ngram + 1)
+    h = np.fromiter((crc32(w.encode()) for w in ws), np.uint64, count=len(ws))
+    m = max(1, len(ws) - ngram + 1)
     acc = np.zeros(m, np.uint64)
-    for j in range(min(ngram, len(words))):
+    for j in range(min(ngram, len(ws))):
         acc = acc * _K + h[j : j + m]
     acc ^= acc >> _S33
     acc *= _M
