@@ -1,7 +1,9 @@
-"""Decode and train-step throughput: BitLM (m = 4, 8; K = 15; CFG on/off) vs the AR baseline
-(same backbone, KV cache), in one process, as ratios to the AR numbers of the same run.
+"""Decode and train-step throughput: BitLM (m = 4, 8; K head evaluations per block, default 15,
+8, 4; CFG 3 at the first K) vs the AR baseline (same backbone, static KV cache; the concatenating
+cache reported beside it), in one process, as ratios to the AR numbers of the same run, and
+per-token latency. CPU default: the two sizes of issue 11 with ModelConfig's head defaults.
 
-    python benchmarks/model_speed.py [--device cuda] [--quick] [--out results.json]
+    python benchmarks/model_speed.py [--device cuda] [--quick] [--sizes NAME ...] [--steps K ...]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def build(kind: str, m: int, a: argparse.Namespace, device: torch.device) -> Bit
         n_kv_heads=a.heads // 2,
         head_width=a.head_width,
         head_depth=a.head_depth,
-        head_heads=max(1, a.head_width // 128),
+        head_heads=a.head_heads,
     )
     if kind == "ar":
         cfg = ModelConfig(block_size=1, input="embedding", output_head="softmax", **common)
@@ -46,17 +48,18 @@ def build(kind: str, m: int, a: argparse.Namespace, device: torch.device) -> Bit
     return BitLM(cfg).to(device=device, dtype=a.dtype).eval()
 
 
-def bench_decode(model: BitLM, batch: int, a, device, cfg_scale: float) -> float:
+def bench_decode(
+    model: BitLM, batch: int, a, device, cfg_scale: float, steps: int, cache: str = "static"
+) -> float:
     now = timer(device)
     prompt = torch.randint(0, a.vocab, (batch, a.prompt), device=device)
     g = torch.Generator(device=device).manual_seed(0)
-    model.generate(
-        prompt, model.config.block_size * 2, steps=a.steps, cfg_scale=cfg_scale, generator=g
-    )  # warm-up
+    kw = dict(steps=steps, cfg_scale=cfg_scale, generator=g, use_cache=cache)
+    model.generate(prompt, model.config.block_size * 2, **kw)  # warm-up
     times = []
     for _ in range(a.repeats):
         t0 = now()
-        model.generate(prompt, a.new_tokens, steps=a.steps, cfg_scale=cfg_scale, generator=g)
+        model.generate(prompt, a.new_tokens, **kw)
         times.append(now() - t0)
     return batch * a.new_tokens / statistics.median(times)
 
@@ -80,72 +83,85 @@ def bench_train(model: BitLM, a, device) -> float:
     return tokens.numel() / statistics.median(times)
 
 
+# The sizes of issue 11 (CPU: ModelConfig's head defaults) and a GPU size.
+SIZES = {
+    "cpu-v32k": dict(vocab=32768, d_model=384, layers=6, heads=6),
+    "cpu-v4k": dict(vocab=4096, d_model=128, layers=4, heads=4),
+    "gpu": dict(vocab=32768, d_model=512, layers=8, heads=8, head_width=512, head_depth=3),
+    "quick": dict(vocab=4096, d_model=128, layers=2, heads=4, head_depth=2),
+}
+RUN = {  # decode and train settings per device kind
+    "cpu": dict(prompt=32, new_tokens=32, repeats=3, train_batch=4, seq_len=256, batches=(1,)),
+    "gpu": dict(prompt=64, new_tokens=64, repeats=5, train_batch=8, seq_len=512, batches=(1, 16)),
+    "quick": dict(prompt=16, new_tokens=16, repeats=2, train_batch=2, seq_len=64, batches=(1,)),
+}
+
+
+def bench_size(name: str, a: argparse.Namespace, device: torch.device) -> dict:
+    """AR vs BitLM (m = 4, 8) decode at every K of --steps and every batch; train tokens/s."""
+    defaults = ModelConfig()
+    a.head_width, a.head_depth, a.head_heads = (
+        defaults.head_width,
+        defaults.head_depth,
+        defaults.head_heads,
+    )
+    for k, v in {**SIZES[name], **RUN[a.run]}.items():
+        setattr(a, k, v)
+    dec: dict[str, float] = {}
+    ar = build("ar", 1, a, device)
+    for batch in a.batches:
+        dec[f"ar_b{batch}"] = bench_decode(ar, batch, a, device, 1.0, 1)
+        dec[f"ar_dynamic_cache_b{batch}"] = bench_decode(ar, batch, a, device, 1.0, 1, "dynamic")
+        for m in (4, 8):
+            model = build("bitlm", m, a, device)
+            for K in a.steps:
+                dec[f"bitlm_m{m}_K{K}_b{batch}"] = bench_decode(model, batch, a, device, 1.0, K)
+            dec[f"bitlm_m{m}_K{a.steps[0]}_cfg_b{batch}"] = bench_decode(
+                model, batch, a, device, 3.0, a.steps[0]
+            )
+            del model
+    train = {"ar": bench_train(ar, a, device)}
+    train["bitlm_m4"] = bench_train(build("bitlm", 4, a, device), a, device)
+    return {
+        "sizes": {
+            k: getattr(a, k)
+            for k in (*SIZES[name], "head_width", "head_depth", "head_heads", *RUN[a.run])
+        },
+        "decode_tokens_per_s": dec,
+        "decode_ms_per_token": {k: 1000.0 / v for k, v in dec.items()},
+        "train_tokens_per_s": train,
+        "ratios_vs_ar": {
+            "decode": {
+                k: v / dec["ar_b" + k.rsplit("_b", 1)[1]]
+                for k, v in dec.items()
+                if not k.startswith("ar_b")
+            },
+            "train_m4": train["bitlm_m4"] / train["ar"],
+        },
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small sizes, for CPU smoke runs")
+    p.add_argument("--quick", action="store_true", help="one small size, for smoke runs")
+    p.add_argument("--sizes", nargs="*", help=f"of {list(SIZES)} (default: per device)")
+    p.add_argument("--steps", type=int, nargs="*", default=[15, 8, 4], help="head evaluations K")
     p.add_argument("--out", default="benchmarks/results/model_speed.json")
     a = p.parse_args()
     device = torch.device(a.device)
-    big = dict(
-        vocab=32768,
-        d_model=512,
-        layers=8,
-        heads=8,
-        head_width=512,
-        head_depth=3,
-        prompt=64,
-        new_tokens=64,
-        steps=15,
-        repeats=5,
-        train_batch=8,
-        seq_len=512,
+    a.run = "quick" if a.quick else device.type
+    sizes = a.sizes or (
+        ["quick"] if a.quick else ["gpu"] if a.run == "gpu" else ["cpu-v32k", "cpu-v4k"]
     )
-    small = dict(
-        vocab=4096,
-        d_model=128,
-        layers=2,
-        heads=4,
-        head_width=128,
-        head_depth=2,
-        prompt=16,
-        new_tokens=16,
-        steps=15,
-        repeats=2,
-        train_batch=2,
-        seq_len=64,
-    )
-    for k, v in (small if a.quick else big).items():
-        setattr(a, k, v)
     a.dtype = torch.float32
     a.bf16_autocast = device.type == "cuda"
     results: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "sizes": {k: v for k, v in vars(a).items() if k not in ("dtype", "device", "out")},
-        "decode_tokens_per_s": {},
-        "train_tokens_per_s": {},
-    }
-    ar = build("ar", 1, a, device)
-    for batch in (1, 16):
-        results["decode_tokens_per_s"][f"ar_b{batch}"] = bench_decode(ar, batch, a, device, 1.0)
-        for m in (4, 8):
-            model = build("bitlm", m, a, device)
-            for w, tag in ((1.0, "nocfg"), (3.0, "cfg")):
-                key = f"bitlm_m{m}_{tag}_b{batch}"
-                results["decode_tokens_per_s"][key] = bench_decode(model, batch, a, device, w)
-            del model
-    results["train_tokens_per_s"]["ar"] = bench_train(ar, a, device)
-    results["train_tokens_per_s"]["bitlm_m4"] = bench_train(build("bitlm", 4, a, device), a, device)
-    dec = results["decode_tokens_per_s"]
-    results["ratios_vs_ar"] = {
-        "decode": {
-            k: v / dec["ar_b" + k.rsplit("_b", 1)[1]]
-            for k, v in dec.items()
-            if k != "ar_b1" and k != "ar_b16"
-        },
-        "train_m4": results["train_tokens_per_s"]["bitlm_m4"] / results["train_tokens_per_s"]["ar"],
+        "steps": a.steps,
+        "results": {name: bench_size(name, a, device) for name in sizes},
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2))

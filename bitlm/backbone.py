@@ -83,8 +83,10 @@ class StaticKVCache:
     def __init__(
         self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
     ) -> None:
-        shape = (cfg.n_layers, 2, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.buf = torch.empty(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
         self.filled = [0] * cfg.n_layers
 
     @property
@@ -93,12 +95,14 @@ class StaticKVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         start, T = self.filled[layer], k.shape[2]
-        if start + T > self.buf.shape[4]:
-            raise ValueError(f"StaticKVCache holds {self.buf.shape[4]} positions, got {start + T}")
-        self.buf[layer, 0, :, :, start : start + T] = k
-        self.buf[layer, 1, :, :, start : start + T] = v
-        self.filled[layer] = end = start + T
-        return self.buf[layer, 0, :, :, :end], self.buf[layer, 1, :, :, :end]
+        end = start + T
+        if end > self.max_len:
+            raise ValueError(f"StaticKVCache holds {self.max_len} positions, got {end}")
+        ck, cv = self.k[layer], self.v[layer]
+        ck[:, :, start:end] = k
+        cv[:, :, start:end] = v
+        self.filled[layer] = end
+        return ck[:, :, :end], cv[:, :, :end]
 
 
 class Attention(nn.Module):

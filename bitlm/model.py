@@ -183,16 +183,18 @@ class BitLM(nn.Module):
         """Tell the model the training step it is at (the slot curriculum depends on it);
         trainers call it before every optimizer step, resumed runs with the resumed step."""
         cfg = self.config
-        w = cfg.slot_loss_decay ** torch.arange(cfg.block_size, dtype=torch.float32)
+        ramp = 1.0
         if cfg.slot_ramp_end > 0:
             span = cfg.slot_ramp_end - cfg.slot_ramp_start
-            w[1:] *= (
+            ramp = (
                 min(1.0, max(0.0, (step - cfg.slot_ramp_start) / span))
                 if span
                 else float(step >= cfg.slot_ramp_end)
             )
-        self._uniform_slots = bool((w == 1.0).all())
-        self.slot_weight.copy_(w)
+        w = [cfg.slot_loss_decay**j * (ramp if j else 1.0) for j in range(cfg.block_size)]
+        self._uniform_slots = all(x == 1.0 for x in w)  # plain floats: works on the meta device
+        with torch.no_grad():
+            self.slot_weight.copy_(torch.tensor(w, device=self.slot_weight.device))
 
     def _slot_weight(self) -> Tensor | None:
         return None if self._uniform_slots else self.slot_weight

@@ -490,6 +490,7 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             lr = lr_at(recipe, step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            engine.module.set_step(step)  # the slot curriculum (model.slot_ramp_*)
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)
             for micro in range(accum):
                 mb = tokens[micro * recipe.micro_batch_size : (micro + 1) * recipe.micro_batch_size]
