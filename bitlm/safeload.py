@@ -18,7 +18,7 @@ import re
 import threading
 from collections.abc import Iterator
 
-from ..pretrained import CheckpointError
+from .pretrained import CheckpointError
 
 __all__ = ["UnsafeCheckpointError", "weights_only_loads"]
 

@@ -15,7 +15,8 @@ resolves in one experiment only (``--experiment``, or the only experiment holdin
 run of that name; a reference run in the evaluated run's own experiment); the run's folder must
 lie under a trusted storage root (``storage_roots``); an explicit checkpoint must lie in the
 run's folder; DeepSpeed's pickled shards are read with ``weights_only=True``
-(``bitlm.train.safeload``), consolidated models are safetensors.
+(``bitlm.safeload``), consolidated models are safetensors. The checkpoint layout and what
+makes a checkpoint complete (its commit marker) are ``bitlm.checkpoint``'s.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import socket
 import tempfile
 import time
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import MARKER, STATE_FILE, consolidate, is_complete, list_complete, read_state
 from ..model import BitLM
 from ..recipe import from_dict
 
@@ -51,7 +52,6 @@ __all__ = [
     "RunRef",
     "evaluate_checkpoint",
     "evaluate_run",
-    "list_checkpoints",
     "resolve_run",
     "storage_roots",
     "watch",
@@ -265,106 +265,14 @@ def resolve_run(
     )
 
 
-def _step_of(name: str) -> int:
-    try:
-        return int(name.rsplit("_", 1)[-1]) if name.startswith("checkpoint_") else -1
-    except ValueError:
-        return -1
-
-
-def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, folder) of every complete checkpoint of a run, by step: the trainer state, and
-    every rank's RNG state and ZeRO shard, are there."""
-    import pyarrow.fs as pafs
-
-    from ..train.data import open_fs
-    from ..train.worker import DS_TAG, STATE_FILE
-
-    fs, base = open_fs(run_dir)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    except OSError:
-        return []
-    out = []
-    for info in infos:
-        step = _step_of(info.base_name)
-        if info.type != pafs.FileType.Directory or step < 0:
-            continue
-        d = f"{base}/{info.base_name}"
-        try:
-            with fs.open_input_stream(f"{d}/{STATE_FILE}") as f:
-                world = int(json.loads(f.read().decode())["world_size"])
-            names = [f"rng/rank_{r}.pt" for r in range(world)]
-            if any(fs.get_file_info(f"{d}/{n}").type != pafs.FileType.File for n in names):
-                continue
-            shards = {
-                i.base_name
-                for i in fs.get_file_info(pafs.FileSelector(f"{d}/{DS_TAG}"))
-                if i.type == pafs.FileType.File
-            }
-            if not _has_zero_shards(shards, world):
-                continue
-        except (OSError, KeyError, ValueError):
-            continue
-        out.append((step, f"{run_dir.rstrip('/')}/{info.base_name}"))
-    return sorted(out)
-
-
-def _has_zero_shards(names: set[str], world: int) -> bool:
-    """Every rank's optimizer shard (``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt``)
-    and the model states (``mp_rank_00_model_states.pt``, or per rank under ZeRO-3)."""
-    for r in range(world):
-        tail = f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-        if not any(n.endswith(tail) for n in names):
-            return False
-    per_rank = all(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" in names for r in range(world))
-    return "mp_rank_00_model_states.pt" in names or per_rank
-
-
 def _read_state(ckpt: str) -> dict[str, Any]:
-    from ..train.data import open_fs
-    from ..train.worker import STATE_FILE
-
-    fs, base = open_fs(ckpt)
     try:
-        with fs.open_input_stream(f"{base}/{STATE_FILE}") as f:
-            return json.loads(f.read().decode())
+        state = read_state(ckpt)
     except (OSError, ValueError) as e:
         raise EvalError(f"{ckpt}: not a training checkpoint ({STATE_FILE}: {e})") from None
-
-
-def _copy_file(src: str, dst: Path) -> None:
-    from ..train.data import open_fs
-
-    fs, base = open_fs(src)
-    with fs.open_input_stream(base) as f:
-        dst.write_bytes(f.read())
-
-
-def consolidate(ckpt: str, out: Path) -> Path:
-    """Training checkpoint -> consolidated model folder (save_pretrained + tokenizer.json +
-    trainer_state.json + recipe.yaml), written once; a finished folder is reused."""
-    from ..train.export import load_checkpoint_model
-    from ..train.worker import STATE_FILE
-
-    if (out / STATE_FILE).is_file():
-        return out
-    model, _, _ = load_checkpoint_model(ckpt)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=_mkdir(out.parent)))
-    try:
-        model.save_pretrained(tmp / "m")
-        for name in ("tokenizer.json", "recipe.yaml", STATE_FILE):  # state last: the marker
-            _copy_file(f"{ckpt.rstrip('/')}/{name}", tmp / "m" / name)
-        shutil.rmtree(out, ignore_errors=True)
-        (tmp / "m").rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    if not is_complete(ckpt):
+        raise EvalError(f"{ckpt}: an unfinished checkpoint (no {MARKER}): not evaluated")
+    return state
 
 
 def eval_dir(run_dir: str) -> Path:
@@ -389,8 +297,6 @@ def model_dir_of(run_dir: str, ckpt: str) -> Path:
 
 def load_model_dir(path: str | Path) -> tuple[BitLM, dict[str, Any], str | None]:
     """A consolidated model folder -> (model, trainer state or {}, tokenizer.json text)."""
-    from ..train.worker import STATE_FILE
-
     path = Path(path)
     model = BitLM.from_pretrained(path).eval()
     state = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
@@ -413,21 +319,21 @@ def load_any_model(
     p = Path(spec)
     if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
         return load_model_dir(p)
-    from ..train.worker import STATE_FILE
-
     if "://" in spec or p.exists():
         ckpt = spec
         if not (p / STATE_FILE).is_file() and "://" not in spec:
-            ckpts = list_checkpoints(str(p.absolute()))
+            ckpts = list_complete(str(p.absolute()))
             if not ckpts:
                 raise EvalError(f"{spec}: no complete checkpoint in this folder")
             ckpt = ckpts[-1][1]
+        else:
+            _read_state(ckpt)  # a complete one
         run_dir = ckpt.rstrip("/").rsplit("/", 1)[0]
     else:
         ref = resolve_run(
             spec, tracking_uri, experiment=experiment, experiment_id=experiment_id, roots=roots
         )
-        ckpts = list_checkpoints(ref.run_dir)
+        ckpts = list_complete(ref.run_dir)
         if not ckpts:
             raise EvalError(f"run {spec!r} has no complete checkpoint in {ref.run_dir}")
         run_dir, ckpt = ref.run_dir, ckpts[-1][1]
@@ -744,7 +650,7 @@ def evaluate_run(
             f"{parent.run_dir}): not loading it"
         )
     if checkpoint in ("latest", "all"):
-        ckpts = list_checkpoints(parent.run_dir)
+        ckpts = list_complete(parent.run_dir)
         if not ckpts:
             raise EvalError(f"run {parent.name!r} has no complete checkpoint in {parent.run_dir}")
         todo = ckpts if checkpoint == "all" else ckpts[-1:]
@@ -813,7 +719,7 @@ def watch(
             continue
         todo = [
             (s, c)
-            for s, c in list_checkpoints(parent.run_dir)
+            for s, c in list_complete(parent.run_dir)
             if s not in done
             and attempts.get(s, 0) < max_attempts
             and _selected(s, every_steps, final_step)

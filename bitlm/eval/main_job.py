@@ -96,7 +96,7 @@ class _Progress:
 def _finished(uri: str, experiment: str, name: str, run_dir: str, steps: int) -> bool:
     from mlflow.tracking import MlflowClient
 
-    from .evaluate import list_checkpoints
+    from ..checkpoint import list_complete
 
     try:
         client = MlflowClient(uri)
@@ -106,7 +106,7 @@ def _finished(uri: str, experiment: str, name: str, run_dir: str, steps: int) ->
         return False
     if not runs or runs[0].info.status != "FINISHED":
         return False
-    ckpts = list_checkpoints(run_dir)
+    ckpts = list_complete(run_dir)
     return bool(ckpts) and ckpts[-1][0] >= steps
 
 

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..codec import BitCodec, CodeTable
+from ..storage import open_fs
 
 __all__ = [
     "DataError",
@@ -46,15 +47,6 @@ _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 class DataError(ValueError):
     """The dataset is missing, unfinished, inconsistent, or does not match the model."""
-
-
-def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Local path or s3:// URI -> (pyarrow filesystem, path). S3 honours AWS_ENDPOINT_URL."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
 def _read_text(fs: pafs.FileSystem, path: str) -> str:

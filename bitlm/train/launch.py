@@ -15,6 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..checkpoint import latest_complete
 from .config import TrainRecipe
 from .data import DataError, Manifest, open_fs, select_version
 from .tracking import (
@@ -25,7 +26,7 @@ from .tracking import (
     split_credentials,
     sync_params,
 )
-from .worker import FATAL_FILE, RunInfo, newest_complete_checkpoint, train_worker
+from .worker import FATAL_FILE, RunInfo, train_worker
 
 log = logging.getLogger("bitlm.train")
 
@@ -95,11 +96,6 @@ def _read_fatal(recipe: TrainRecipe, name: str, remove: bool = False) -> dict | 
     if remove:
         fs.delete_file(p)
     return d
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete ``checkpoint_*`` folder of a run (local path or s3:// URI), or None."""
-    return newest_complete_checkpoint(run_dir)
 
 
 def run(recipe: TrainRecipe) -> RunResult:
@@ -195,7 +191,7 @@ def run(recipe: TrainRecipe) -> RunResult:
     if auto_eval is not None:
         log.info("run %s: waiting for the automatic evaluation of its checkpoints", name)
         auto_eval.wait()
-    ckpt = latest_checkpoint(run_dir) if result.checkpoint is not None else None
+    ckpt = latest_complete(run_dir) if result.checkpoint is not None else None
     return RunResult(name, run_dir, ckpt, run_id, tracking_uri)
 
 

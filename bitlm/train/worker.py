@@ -32,11 +32,22 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import (
+    DS_TAG,
+    commit,
+    dir_name,
+    latest_complete,
+    local_copy,
+    path_of,
+    prune,
+    read_state,
+    write_state,
+)
 from ..model import BitLM
 from ..recipe import from_dict
+from ..safeload import UnsafeCheckpointError, weights_only_loads
 from .config import TrainRecipe
 from .data import DataError, Dataset, Manifest, open_fs, rank_positions, select_version
-from .safeload import UnsafeCheckpointError, weights_only_loads
 
 log = logging.getLogger("bitlm.train")
 
@@ -50,8 +61,6 @@ __all__ = [
     "train_worker",
 ]
 
-DS_TAG = "ds"
-STATE_FILE = "trainer_state.json"
 FATAL_FILE = "_fatal.json"
 
 
@@ -160,9 +169,11 @@ class Session(Protocol):
     rank: int
     world_size: int
     run_name: str
+    run_dir: str  # <storage_path>/<run_name>: local path or s3:// URI
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
     def report(self, metrics: dict[str, Any], ckpt_dir: str | None, step: int) -> None: ...
+    def commit(self, step: int) -> None: ...
 
 
 class RaySession:
@@ -177,28 +188,19 @@ class RaySession:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
-        """Ray's latest registered checkpoint, or a newer complete one found in the run folder:
-        Ray registers a reported checkpoint at its next poll (every 2 s), so a crash right
-        after a report would otherwise lose it."""
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        ray_step = -1
-        if ckpt is not None:
-            ray_step = _step_of(ckpt.path)
-        found = newest_complete_checkpoint(self.run_dir)
-        if found is not None and _step_of(found) > ray_step:
-            log.info("rank %d: resuming from %s (not yet registered by Ray)", self.rank, found)
-            with _as_local_dir(found) as d:
-                yield d
-            return
-        if ckpt is None:
+        """The newest committed checkpoint in the run folder (a local copy of an s3:// one).
+        Not Ray's registered one: Ray registers a report at its next poll (every 2 s), even
+        one whose commit marker was never written."""
+        found = latest_complete(self.run_dir)
+        if found is None:
             yield None
             return
-        with ckpt.as_directory() as d:
-            yield d
+        with local_copy(found) as d:
+            yield str(d)
 
     def report(self, metrics: dict[str, Any], ckpt_dir: str | None, step: int) -> None:
+        """Report ``metrics``; with ``ckpt_dir``, upload it into ``checkpoint_<step>`` first
+        (synchronously: Ray merges every rank's folder into that one)."""
         import ray.train
         from ray.train import Checkpoint
 
@@ -208,56 +210,12 @@ class RaySession:
             ray.train.report(
                 metrics,
                 checkpoint=Checkpoint.from_directory(ckpt_dir),
-                checkpoint_dir_name=f"checkpoint_{step:08d}",
+                checkpoint_dir_name=dir_name(step),
             )
 
-
-def _step_of(path: str) -> int:
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    return int(name.split("_")[-1]) if name.startswith("checkpoint_") else -1
-
-
-def newest_complete_checkpoint(run_dir: str) -> str | None:
-    """The highest-step ``checkpoint_*`` folder of a run whose every rank's files are there."""
-    import pyarrow.fs as pafs
-
-    fs, base = open_fs(run_dir)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    except OSError:
-        return None
-    names = sorted(
-        (i.base_name for i in infos if i.type == pafs.FileType.Directory),
-        key=lambda n: _step_of(n),
-    )
-    for name in reversed([n for n in names if n.startswith("checkpoint_")]):
-        try:
-            with fs.open_input_stream(f"{base}/{name}/{STATE_FILE}") as f:
-                world = json.loads(f.read().decode())["world_size"]
-            for r in range(world):
-                if fs.get_file_info(f"{base}/{name}/rng/rank_{r}.pt").type != pafs.FileType.File:
-                    raise FileNotFoundError
-        except (OSError, KeyError, ValueError):
-            continue
-        return f"{run_dir.rstrip('/')}/{name}"
-    return None
-
-
-@contextlib.contextmanager
-def _as_local_dir(uri: str) -> Iterator[str]:
-    if "://" not in uri:
-        yield open_fs(uri)[1]
-        return
-    import pyarrow.fs as pafs
-
-    tmp = tempfile.mkdtemp(prefix="bitlm-resume-")
-    try:
-        fs, base = open_fs(uri)
-        local = pafs.LocalFileSystem()
-        pafs.copy_files(base, tmp, source_filesystem=fs, destination_filesystem=local)
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def commit(self, step: int) -> None:
+        """The marker (rank 0, once every rank's report returned); Ray keeps keep_last."""
+        commit(path_of(self.run_dir, step), step, self.world_size)
 
 
 class LocalSession:
@@ -265,26 +223,25 @@ class LocalSession:
 
     def __init__(self, storage_path: str, run_name: str, keep: int = 3) -> None:
         self.rank, self.world_size, self.run_name = 0, 1, run_name
-        self.root = Path(storage_path) / run_name
+        self.run_dir = str(Path(storage_path).absolute() / run_name)
         self.keep = keep
         self.reports: list[dict[str, Any]] = []
 
-    def _checkpoints(self) -> list[Path]:
-        return sorted(self.root.glob("checkpoint_*"))
-
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
-        c = self._checkpoints()
-        yield str(c[-1]) if c else None
+        yield latest_complete(self.run_dir)
 
     def report(self, metrics: dict[str, Any], ckpt_dir: str | None, step: int) -> None:
         self.reports.append(dict(metrics))
         if ckpt_dir is not None:
-            dst = self.root / f"checkpoint_{step:08d}"
+            dst = Path(path_of(self.run_dir, step))
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(ckpt_dir, dst)
-            for old in self._checkpoints()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+
+    def commit(self, step: int) -> None:
+        """The marker, then keep the last ``keep`` committed checkpoints."""
+        commit(path_of(self.run_dir, step), step, 1)
+        prune(self.run_dir, self.keep)
 
 
 # ---- the loop --------------------------------------------------------------------------------
@@ -376,7 +333,7 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
     state: dict[str, Any] | None = None
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
-            state = json.loads((Path(ckpt) / STATE_FILE).read_text())
+            state = read_state(ckpt)
         version, pinned = _dataset_version(recipe, man, state, latest)
         data = Dataset(
             recipe.data.path,
@@ -684,7 +641,8 @@ def _guard(recipe: TrainRecipe, step: int, loss: float, ema: float | None) -> No
 
 def _save(recipe, engine, session, data, step, tokens_seen, loss, rank, nonfinite) -> None:
     """Every rank writes its DeepSpeed shard + RNG state; rank 0 adds the run state, recipe,
-    tokenizer and code table. Ray merges the ranks' folders into one checkpoint."""
+    tokenizer and code table. Ray merges the ranks' folders into one checkpoint; once every
+    rank's upload is done, rank 0 commits it (bitlm.checkpoint)."""
     gathered = contextlib.nullcontext()
     if recipe.zero_stage == 3:  # model.loss reads top-level parameters directly: gather them
         gathered = _import_deepspeed().zero.GatheredParameters(
@@ -718,11 +676,15 @@ def _save(recipe, engine, session, data, step, tokens_seen, loss, rank, nonfinit
                 "nonfinite_streak": nonfinite.streak,
                 "time": time.time(),
             }
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(state, indent=1))
+            write_state(tmp, state)
             (Path(tmp) / "recipe.yaml").write_text(recipe.to_yaml())
             (Path(tmp) / "tokenizer.json").write_text(data.manifest.tokenizer_json())
             (Path(tmp) / "code_table.json").write_text(data.codec.table.to_json())
         session.report({"step": step, "loss": loss, "tokens_seen": tokens_seen}, tmp, step)
+        if session.world_size > 1:
+            dist.barrier()  # every rank's files are in storage
+        if rank == 0:
+            session.commit(step)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -82,7 +82,7 @@ def trained(ray_local, eval_store, eval_data, tmp_path_factory) -> Trained:
     watcher and waits for it, so its evaluations exist when training returns."""
     from mlflow.tracking import MlflowClient
 
-    from bitlm.eval.evaluate import list_checkpoints
+    from bitlm.checkpoint import list_complete
     from bitlm.train import load_train_recipe, run
 
     base = tmp_path_factory.mktemp("eval")
@@ -112,7 +112,7 @@ def trained(ray_local, eval_store, eval_data, tmp_path_factory) -> Trained:
         name="auto",
         run_id=res.mlflow_run_id,
         experiment_id=run_.info.experiment_id,
-        checkpoints=list_checkpoints(str(storage / "auto")),
+        checkpoints=list_complete(str(storage / "auto")),
         reference=ref,
     )
     os.environ.pop("BITLM_STORAGE_ROOTS", None)
