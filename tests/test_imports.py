@@ -1,0 +1,110 @@
+"""The import rules of docs/architecture.md, read from the source (ast, every import in a file,
+lazy ones included): the checkpoint module is a leaf, the model code imports no Ray, MLflow or
+DeepSpeed. The rules issue 13 has not reached yet are strict xfails naming what breaks them:
+they fail once fixed, so the marker goes with the fix."""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["bitlm.model", "bitlm.backbone", "bitlm.head", "bitlm.diffusion", "bitlm.codec"]
+MODEL += ["bitlm.config"]
+SERVICES = ("ray", "mlflow", "deepspeed")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in ("bitlm", "pipeline"):
+        for p in (ROOT / pkg).rglob("*.py"):
+            parts = list(p.relative_to(ROOT).with_suffix("").parts)
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+MODULES = _modules()
+
+
+@cache
+def imports(name: str, top_level_only: bool = False) -> frozenset[str]:
+    """The modules ``name`` imports (``from a import b`` counts a.b when it is a module)."""
+    path = MODULES[name]
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                mod = ".".join([*base, *([mod] if mod else [])])
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in MODULES}
+    parents = {name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)}
+    return frozenset(out - parents)  # a package's own __init__ runs anyway
+
+
+def closure(name: str, packages: bool = True) -> set[str]:
+    """Every module ``name`` imports, directly or through this repository's modules (with
+    ``packages``, also the packages whose ``__init__`` importing a submodule runs)."""
+    seen, todo = set(), [name]
+    while todo:
+        m = todo.pop()
+        for i in imports(m):
+            ancestors = (
+                [i.rsplit(".", k)[0] for k in range(1, i.count(".") + 1)] if packages else []
+            )
+            for j in [i, *ancestors]:
+                if j not in seen:
+                    seen.add(j)
+                    todo += [j] if j in MODULES else []
+    return seen
+
+
+def _under(mods: set[str], *roots: str) -> list[str]:
+    return sorted(m for m in mods if m.split(".")[0] in roots or m.startswith(roots))
+
+
+def test_the_checkpoint_module_is_a_leaf():
+    assert not _under(closure("bitlm.checkpoint"), "bitlm.train", "bitlm.eval", "ray", "mlflow")
+    assert not _under(set(imports("bitlm.checkpoint", top_level_only=True)), "deepspeed")
+
+
+@pytest.mark.parametrize("module", MODEL)
+def test_model_code_imports_no_services(module):
+    assert not _under(closure(module), *SERVICES)
+
+
+def _cycles() -> list[tuple[str, str]]:
+    """Pairs of this repository's modules that import each other, directly or not."""
+    mods = sorted(MODULES)
+    reach = {m: closure(m, packages=False) for m in mods}
+    return [(a, b) for a in mods for b in mods if a < b and b in reach[a] and a in reach[b]]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13.3: bitlm/eval/main_job.py imports pipeline")
+def test_bitlm_never_imports_pipeline():
+    assert not [m for m in MODULES if m.startswith("bitlm") and _under(imports(m), "pipeline")]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13.3: bitlm/train/launch.py starts evaluation")
+def test_training_never_imports_evaluation():
+    assert not [
+        m for m in MODULES if m.startswith("bitlm.train") and _under(imports(m), "bitlm.eval")
+    ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13.3/13.6: eval.evaluate <-> train.launch, head <-> kernels.fused_head, "
+    "model <-> pretrained",
+)
+def test_no_import_cycles():
+    assert not _cycles()
