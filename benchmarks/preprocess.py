@@ -19,6 +19,11 @@ every run (``tokenizer.path``), so the pipeline and the baseline do the same tok
 Each measurement runs in its own subprocess. JSON on stdout (and ``--out``).
 
     python benchmarks/preprocess.py [--mb 50] [--cpus 1 2] [--near-dedup both|off] [--out f.json]
+
+``--driver-docs N`` measures instead the driver's dedup resolution (``pipeline.driver._resolve``)
+over synthetic index files of N distinct documents (random hashes and band keys, 100 files), with
+near_dedup off and on: as this run's documents, and as earlier runs' (an incremental run of one
+new file replays them all). Peak RSS growth of a fresh subprocess and seconds, per document.
 """
 
 from __future__ import annotations
@@ -162,6 +167,71 @@ def minhash_costs(texts: list[str]) -> dict:
     }
 
 
+def synthetic_index(root: Path, docs: int, near: bool, files: int = 100) -> list[dict]:
+    """Index files of ``docs`` distinct documents as the scan pass writes them; their records."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.units import index_table
+
+    rng = np.random.default_rng(0)
+    per = max(1, docs // files)
+    recs = []
+    for i in range(files):
+        batch = {
+            "index": list(range(per)),
+            "reason": [None] * per,
+            "hash": [rng.bytes(16) for _ in range(per)],
+            "bands": rng.integers(0, 2**63, size=(per, 9), dtype=np.int64).tolist(),
+        }
+        path, index = f"/corpus/f{i:04d}.jsonl", f"index/u{i:04d}.parquet"
+        (root / "index").mkdir(parents=True, exist_ok=True)
+        pq.write_table(index_table(path, batch, near), root / index)
+        recs.append({"path": path, "index": index})
+    return recs
+
+
+def run_resolve(args: argparse.Namespace) -> dict:
+    import resource
+
+    from pipeline.driver import _resolve
+    from pipeline.storage import Storage
+
+    near = args.worker == "resolve-near"
+    root = Path(args.files_dir)
+    recs = json.loads((root / "records.json").read_text())
+    _resolve(Storage(), str(root), [], recs[:1], near)  # warm-up: imports, first read
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    prior, new = (recs[:-1], recs[-1:]) if args.prior else ([], recs)
+    out = _resolve(Storage(), str(root), prior, new, near)
+    secs = time.perf_counter() - t0
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+    assert sum(r["kept"] for r in out.values()) == sum(r["docs"] for r in out.values())
+    return {"seconds": secs, "peak_rss_growth_bytes": grew}
+
+
+def driver_memory(docs: int) -> dict:
+    result: dict = {"benchmark": "dedup resolution in the driver", "docs": docs, "runs": {}}
+    for near in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            recs = synthetic_index(Path(tmp), docs, near)
+            (Path(tmp) / "records.json").write_text(json.dumps(recs))
+            kind = "resolve-near" if near else "resolve"
+            for mode in ("this_run", "earlier_runs"):
+                cmd = [sys.executable, __file__, "--worker", kind, "--files-dir", tmp]
+                cmd += ["--prior"] if mode == "earlier_runs" else []
+                r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=3000)
+                if r.returncode != 0:
+                    raise RuntimeError(f"{kind} failed:\n{r.stderr[-4000:]}")
+                m = json.loads(r.stdout.strip().splitlines()[-1])
+                m["bytes_per_doc"] = m["peak_rss_growth_bytes"] / docs
+                m["us_per_doc"] = m["seconds"] / docs * 1e6
+                result["runs"][f"near_dedup_{'on' if near else 'off'}/{mode}"] = m
+                print(kind, mode, json.dumps(m), file=sys.stderr)
+    return result
+
+
 def sub(kind: str, cpus: int, files_dir: str, tokenizer: str) -> dict:
     env = {**os.environ, "RAYON_NUM_THREADS": str(cpus)}
     env["TOKENIZERS_PARALLELISM"] = "true" if (kind == "raw" and cpus > 1) else "false"
@@ -180,13 +250,25 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--near-dedup", choices=["both", "off"], default="both")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--worker", choices=["pipeline", "pipeline-near", "raw"], default=None)
+    ap.add_argument("--driver-docs", type=int, default=None)
+    ap.add_argument("--prior", action="store_true")
+    workers = ["pipeline", "pipeline-near", "raw", "resolve", "resolve-near"]
+    ap.add_argument("--worker", choices=workers, default=None)
     ap.add_argument("--files-dir", default=None)
     ap.add_argument("--tokenizer", default=None)
     a = ap.parse_args()
     if a.worker:
-        res = run_raw(a) if a.worker == "raw" else run_pipeline(a)
+        if a.worker.startswith("resolve"):
+            res = run_resolve(a)
+        else:
+            res = run_raw(a) if a.worker == "raw" else run_pipeline(a)
         print(json.dumps(res))
+        return
+    if a.driver_docs:
+        res = driver_memory(a.driver_docs)
+        print(json.dumps(res, indent=1))
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
         return
 
     from pipeline.steps import normalise_text

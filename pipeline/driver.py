@@ -39,12 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import CONTENT_KEYS, InputSpec, PreprocessConfig
-from pipeline.neardedup import NearDuplicates, signature_scheme
+from pipeline.neardedup import near_duplicates, signature_scheme
 from pipeline.readers import InputUnreadable
 from pipeline.steps import alive, run_steps, scan_steps
 from pipeline.storage import InputFile, Storage, StorageError, is_s3, s3_options_from_env
 from pipeline.tokenizer import build_code_table, eod_id_of, sample_order, train_bpe
-from pipeline.units import IndexRows, codeword_dtype, index_rows, read_input, run_task
+from pipeline.units import codeword_dtype, index_bands, index_rows, read_input, run_task
 
 __all__ = ["FORMAT_VERSION", "PreprocessError", "read_manifest", "run_preprocess", "storage_for"]
 
@@ -334,18 +334,35 @@ def _read_index(storage: Storage, root: str, index_path: str) -> pa.Table:
 
 
 class IndexReader:
-    """Reads each unit index file once; rows of one input file as (positions, hashes, reasons)."""
+    """Reads each unit index file once; rows of one input file as (positions, hashes, reasons),
+    and its band keys as numpy arrays."""
 
     def __init__(self, storage: Storage, root: str) -> None:
         self.storage, self.root = storage, root
-        self._cache: dict[str, dict[str, Any]] = {}
+        self._index = ""
+        self._table: pa.Table | None = None
+        self._rows: dict[str, Any] = {}
+        self._bands: dict[str, Any] = {}
 
-    def rows(self, index_path: str, path: str) -> IndexRows:
-        """(positions, hashes, reasons, band keys) of one input file."""
-        if index_path not in self._cache:
-            self._cache.clear()  # files of one unit are contiguous in commit order
-            self._cache[index_path] = index_rows(_read_index(self.storage, self.root, index_path))
-        return self._cache[index_path].get(path, ([], [], [], []))
+    def _load(self, index_path: str) -> pa.Table:
+        if index_path != self._index or self._table is None:
+            # files of one unit are contiguous in commit order: one index file at a time
+            self._table = _read_index(self.storage, self.root, index_path)
+            self._index, self._rows, self._bands = index_path, {}, {}
+        return self._table
+
+    def rows(self, index_path: str, path: str) -> tuple[list[int], list[Any], list[Any]]:
+        table = self._load(index_path)
+        if not self._rows:
+            self._rows = index_rows(table)
+        return self._rows.get(path, ([], [], []))
+
+    def bands(self, index_path: str, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """(band keys of the file's documents, concatenated; keys per document)."""
+        table = self._load(index_path)
+        if not self._bands:
+            self._bands = index_bands(table)
+        return self._bands.get(path, (np.zeros(0, np.uint64), np.zeros(0, np.int64)))
 
 
 def _unindexed(storage: Storage, root: str, new: list[dict[str, Any]]) -> list[str]:
@@ -364,31 +381,40 @@ def _resolve(
 ) -> dict[str, dict[str, Any]]:
     """Per new file: duplicate and near-duplicate positions and counts. First occurrence in
     commit order wins; with ``near``, a document (not an exact duplicate) sharing an LSH band key
-    with an earlier document is a near duplicate."""
+    with an earlier document is a near duplicate. Earlier runs' band keys are held as one sorted
+    array (8 bytes a key), this run's are resolved with one sort (``near_duplicates``)."""
     seen: set[bytes] = set()
-    lsh = NearDuplicates()
     reader = IndexReader(storage, root)
+    earlier: list[np.ndarray] = [np.zeros(0, np.uint64)]
     for rec in prior:
-        _, hashes, _, bands = reader.rows(rec["index"], rec["path"])
-        for h, b in zip(hashes, bands, strict=True):
-            if h is not None:
-                seen.add(h)
-                if near:
-                    lsh.check(b)
+        hashes = reader.rows(rec["index"], rec["path"])[1]
+        seen.update(h for h in hashes if h is not None)
+        if near:
+            earlier.append(reader.bands(rec["index"], rec["path"])[0])
+    is_near = np.zeros(0, bool)
+    if near and new:  # band keys of every new document with a hash (an exact copy: none new)
+        prior_keys = np.concatenate(earlier)
+        del earlier[:]
+        prior_keys.sort()
+        keys, lens = zip(*(reader.bands(f["index"], f["path"]) for f in new), strict=True)
+        is_near = near_duplicates(np.concatenate(keys), np.concatenate(lens), prior_keys)
     out: dict[str, dict[str, Any]] = {}
+    off = 0
     for f in new:
-        positions, hashes, reasons, bands = reader.rows(f["index"], f["path"])
+        positions, hashes, reasons = reader.rows(f["index"], f["path"])
+        hits = is_near[off : off + len(positions)].tolist() if near else [False] * len(positions)
+        off += len(positions)
         dups: list[int] = []
         near_dups: list[int] = []
         dropped: dict[str, int] = {}
-        for pos, h, r, b in zip(positions, hashes, reasons, bands, strict=True):
+        for pos, h, r, hit in zip(positions, hashes, reasons, hits, strict=True):
             if r is not None:
                 dropped[r] = dropped.get(r, 0) + 1
             elif h in seen:
                 dups.append(pos)
             else:
                 seen.add(h)
-                if near and lsh.check(b):
+                if hit:
                     near_dups.append(pos)
         if near_dups:
             dropped["near_duplicate"] = len(near_dups)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.neardedup import Banding
@@ -62,6 +63,7 @@ from pipeline.storage import Storage
 __all__ = [
     "codeword_dtype",
     "encode_unit",
+    "index_bands",
     "index_rows",
     "index_table",
     "read_input",
@@ -142,8 +144,6 @@ INDEX_SCHEMA = pa.schema(
 )
 BANDS_FIELD = pa.field("bands", pa.list_(pa.uint64()))  # with near_dedup only
 
-IndexRows = tuple[list[int], list[bytes | None], list[str | None], list[list[int] | None]]
-
 
 def index_table(path: str, batch: Batch, bands: bool = False) -> pa.Table:
     """One row per document of a file: path, position, 16-byte hash (null if dropped), reason,
@@ -169,20 +169,33 @@ def index_table(path: str, batch: Batch, bands: bool = False) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
-def index_rows(table: pa.Table) -> dict[str, IndexRows]:
-    """An index table -> {path: (positions, hashes, reasons, band keys)}, in file and document
-    order (band keys all None in an index written without near_dedup)."""
-    out: dict[str, IndexRows] = {}
-    names = ("path", "index", "hash", "reason")
-    cols = [table.column(c).to_pylist() for c in names]
-    n = table.num_rows
-    bands = table.column("bands").to_pylist() if "bands" in table.column_names else [None] * n
-    for path, pos, h, r, b in zip(*cols, bands, strict=True):
-        rows = out.setdefault(path, ([], [], [], []))
+def index_rows(
+    table: pa.Table,
+) -> dict[str, tuple[list[int], list[bytes | None], list[str | None]]]:
+    """An index table -> {path: (positions, hashes, reasons)}, in file and document order."""
+    out: dict[str, tuple[list[int], list[bytes | None], list[str | None]]] = {}
+    cols = [table.column(c).to_pylist() for c in ("path", "index", "hash", "reason")]
+    for path, pos, h, r in zip(*cols, strict=True):
+        rows = out.setdefault(path, ([], [], []))
         rows[0].append(pos)
         rows[1].append(h)
         rows[2].append(r)
-        rows[3].append(b)
+    return out
+
+
+def index_bands(table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """An index table -> {path: (its rows' band keys, concatenated; keys per row)}, as numpy
+    arrays (no Python object per key); no keys in an index written without near_dedup."""
+    out = {}
+    paths = table.column("path")
+    for path in pc.unique(paths).to_pylist():
+        rows = table.filter(pc.equal(paths, path))
+        if "bands" not in rows.column_names:
+            out[path] = (np.zeros(0, np.uint64), np.zeros(rows.num_rows, np.int64))
+            continue
+        col = rows.column("bands").combine_chunks()
+        lens = col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        out[path] = (col.flatten().to_numpy(zero_copy_only=False), lens)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.driver import IndexReader, _root, read_manifest, storage_for
-from pipeline.neardedup import Banding, NearDuplicates
+from pipeline.neardedup import Banding, near_duplicates
 from pipeline.shards import decode_shard, sha256_hex
 from pipeline.steps import (
     MarkDropped,
@@ -173,21 +173,30 @@ def _decode_sample(
     flt = manifest["recipe"]["filters"]
     split = SplitByHash(manifest["recipe"]["val_fraction"])
     seen: set[bytes] = set()
-    lsh = NearDuplicates()
     want = set(pick)
     expected: dict[str, dict[str, list[str]]] = {u: {"train": [], "val": []} for u in pick}
     reader = IndexReader(storage, root)
+    is_near = np.zeros(0, bool)
+    if banding is not None:  # the LSH lookup over the whole dataset, in manifest order
+        parts = [reader.bands(rec["index"], rec["path"]) for rec in manifest["inputs"]]
+        keys = np.concatenate([np.zeros(0, np.uint64), *(k for k, _ in parts)])
+        is_near = near_duplicates(
+            keys, np.concatenate([np.zeros(0, np.int64), *(n for _, n in parts)])
+        )
+    off = 0
     # limits of the run that read each file; None (no caps) for runs recorded before limits
     limits_of = {r["run"]: r.get("limits") for r in manifest.get("runs", [])}
     for rec in manifest["inputs"]:
-        positions, hashes, _, bands = reader.rows(rec["index"], rec["path"])
+        positions, hashes, _ = reader.rows(rec["index"], rec["path"])
+        hits = is_near[off : off + len(positions)] if banding else np.zeros(len(positions), bool)
+        off += len(positions)
         dups, near = [], []
-        for pos, h, b in zip(positions, hashes, bands, strict=True):
+        for pos, h, hit in zip(positions, hashes, hits.tolist(), strict=True):
             if h is None:
                 continue
             if h in seen:
                 dups.append(pos)
-            elif banding is not None and lsh.check(b):
+            elif hit:
                 near.append(pos)
             seen.add(h)
         if len(near) != rec["dropped"].get("near_duplicate", 0):
@@ -215,10 +224,14 @@ def _decode_sample(
         ]
         batch = run_steps(steps, batch)
         if banding is not None:
-            got_bands = [
-                batch["bands"][i] if r is None else None for i, r in enumerate(batch["reason"])
+            got = [
+                (b or ()) if r is None else ()
+                for b, r in zip(batch["bands"], batch["reason"], strict=True)
             ]
-            if got_bands != bands:
+            keys, lens = reader.bands(rec["index"], rec["path"])
+            if [len(b) for b in got] != lens.tolist() or [
+                k for b in got for k in b
+            ] != keys.tolist():
                 errors.append(f"{rec['path']}: LSH band keys in the index differ from the text's")
         steps = [
             MarkDuplicates(dups),

@@ -10,12 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bitlm.recipe import RecipeError, from_dict
 from pipeline import decode_dataset, run_preprocess, verify
 from pipeline.config import NearDedupConfig, PreprocessConfig
-from pipeline.neardedup import Banding, NearDuplicates, band_keys, shingle_hashes
+from pipeline.neardedup import Banding, band_keys, near_duplicates, shingle_hashes
 
 BANDING = Banding(num_perm=128, bands=9, rows=13, ngram=5)
 VOCAB = [f"w{i}" for i in range(3000)]
@@ -44,21 +45,35 @@ def test_shingles() -> None:
     assert len(shingle_hashes("a b a b a b a b", 2)) == 2  # unique shingles {a b, b a}
 
 
+def near(docs: list, earlier: list | None = None) -> list[bool]:
+    keys = np.array([k for d in docs if d for k in d], np.uint64)
+    lens = np.array([len(d) if d else 0 for d in docs], np.int64)
+    prior = np.unique(np.asarray(earlier, np.uint64)) if earlier else None
+    return near_duplicates(keys, lens, prior).tolist()
+
+
 def test_band_keys_catch_near_copies_not_distinct_documents() -> None:
     rng = random.Random(0)
     docs = [words(rng, 600) for _ in range(40)]
-    lsh = NearDuplicates()
-    for d in docs:
-        assert not lsh.check(band_keys(" ".join(d), BANDING))  # distinct: all kept
-    for d in docs:
-        for kind, c in near_copies(d).items():
-            assert lsh.check(band_keys(" ".join(c), BANDING)), kind
-    keys = band_keys(" ".join(docs[0]), BANDING)
-    assert keys is not None and len(keys) == 9 and all(0 <= k < 2**64 for k in keys)
-    assert band_keys("", BANDING) is None and not NearDuplicates().check(None)
-    # the keys of a near duplicate are remembered too: a near copy of it is dropped (chains)
-    chain = NearDuplicates()
-    assert [chain.check(k) for k in ([1, 2], [2, 3], [3, 4], [5, 6])] == [0, 1, 1, 0]
+    keys = [band_keys(" ".join(d), BANDING) for d in docs]
+    copies = [
+        (kind, band_keys(" ".join(c), BANDING)) for d in docs for kind, c in near_copies(d).items()
+    ]
+    assert near(keys) == [False] * 40  # distinct: all kept
+    got = near([*keys, *(k for _, k in copies)])
+    assert got[40:] == [True] * len(copies), [
+        kind for (kind, _), g in zip(copies, got[40:], strict=True) if not g
+    ]
+    # the same against the keys of an earlier run
+    prior = [k for ks in keys for k in ks]
+    assert near([k for _, k in copies], prior) == [True] * len(copies)
+    assert near([band_keys(" ".join(words(rng, 300)), BANDING)], prior) == [False]
+    assert keys[0] is not None and len(keys[0]) == 9 and all(0 <= k < 2**64 for k in keys[0])
+    assert band_keys("", BANDING) is None and near([None, None]) == [False, False]
+    # the keys of a near duplicate count too: a near copy of it is dropped (chains); the earliest
+    # holder of a key is never dropped for it, whatever the order of keys within a document
+    assert near([[1, 2], [2, 3], [3, 4], [5, 6], None, [6, 5], [7]]) == [0, 1, 1, 0, 0, 1, 0]
+    assert near([[9, 1]], [1]) == [True] and near([[2**64 - 1]], [3]) == [False]
 
 
 def test_band_keys_are_the_same_in_another_process() -> None:
