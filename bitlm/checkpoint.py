@@ -112,7 +112,9 @@ def read_state(ckpt: str) -> dict[str, Any]:
 
 def write_state(local_dir: str | Path, state: dict[str, Any]) -> None:
     """Write ``trainer_state.json`` into a (local) folder being saved, tagged with FORMAT."""
-    (Path(local_dir) / STATE_FILE).write_text(json.dumps({**state, "checkpoint_format": FORMAT}))
+    (Path(local_dir) / STATE_FILE).write_text(
+        json.dumps({**state, "checkpoint_format": FORMAT}, indent=1)
+    )
 
 
 def is_complete(ckpt: str) -> bool:
