@@ -13,8 +13,9 @@ from .config import ModelConfig
 
 __all__ = ["diffusion_loss", "euler_sample", "sample_time", "slot_times"]
 
-# x0_fn(x_t [R, m, B], t [R], x_sc [R, m, B] | None) -> x0_hat [R, m, B]
-X0Fn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+# x0_fn(x_t [r, m, B], t [r], x_sc [r, m, B] | None, rows [r] | None) -> x0_hat [r, m, B]:
+# rows (indices into the R blocks) when only some blocks are still being denoised
+X0Fn = Callable[[Tensor, Tensor, Tensor | None, Tensor | None], Tensor]
 
 V_LOSS_MIN_T = 0.05  # velocity-loss clamp, as in JiT/BitDance
 
@@ -93,8 +94,8 @@ def euler_sample(
     ceil(K (1 + stagger (m-1))) steps so that each slot still gets about K.
     commit < 1: adaptive denoising. A block (row) whose every free bit has |x0_hat| > commit
     with the same sign as at the previous evaluation jumps to x = x0_hat (t = 0) and is frozen;
-    the loop ends when every row has (rows still running in a batch are evaluated together,
-    so the saving is per block at batch 1). commit = 1 (the default) is the fixed-K sampler."""
+    only the rows still running are evaluated, and the loop ends when every row is done.
+    commit = 1 (the default) is the fixed-K sampler."""
     x = torch.randn(shape, device=device, generator=generator, dtype=torch.float32) * temperature
     x = x.to(dtype)
     if known is not None:
@@ -117,7 +118,13 @@ def euler_sample(
             tt = t[:, 0].expand(shape[0], m)  # [R, m]
         if known is not None:
             x = torch.where(km, (1 - t) * known + t * known_noise, x)
-        x0 = x0_fn(x, tt, x_sc)
+        if done.any():  # evaluate the blocks still running only
+            rows = (~done).nonzero()[:, 0]
+            sc = None if x_sc is None else x_sc[rows]
+            x0 = prev.clone()
+            x0[rows] = x0_fn(x[rows], tt[rows], sc, rows)
+        else:
+            x0 = x0_fn(x, tt, x_sc, None)
         evals += ~done
         x_sc = x0 if self_conditioning else None
         # slots already clean (t = 0) or not started (t = t_next = 1) do not move

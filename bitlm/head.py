@@ -205,12 +205,15 @@ class DiffusionHead(nn.Module):
 
     # ---- decoding ----------------------------------------------------------------------------
     def guided(self, h: Tensor, cfg_scale: float):
-        """x0(x_t, t, x_sc) for conditions h [R, m, d], with batched classifier-free guidance."""
-        if cfg_scale == 1.0:
-            return lambda x, t, sc: self(x, t, h, sc)
-        hh = torch.cat([h, self.null_cond.to(h.dtype).expand_as(h)], 0)
+        """x0(x_t, t, x_sc, rows) for conditions h [R, m, d] (rows: a subset of them), with
+        batched classifier-free guidance."""
+        null = self.null_cond.to(h.dtype)
+        full = h if cfg_scale == 1.0 else torch.cat([h, null.expand_as(h)], 0)
 
-        def x0(x: Tensor, t: Tensor, sc: Tensor | None) -> Tensor:
+        def x0(x: Tensor, t: Tensor, sc: Tensor | None, rows: Tensor | None = None) -> Tensor:
+            if cfg_scale == 1.0:
+                return self(x, t, h if rows is None else h[rows], sc)
+            hh = full if rows is None else torch.cat([h[rows], null.expand_as(h[rows])], 0)
             sc2 = None if sc is None else torch.cat([sc, sc], 0)
             cond, uncond = self(torch.cat([x, x], 0), torch.cat([t, t], 0), hh, sc2).chunk(2, 0)
             return uncond + cfg_scale * (cond - uncond)

@@ -125,10 +125,12 @@ def test_adaptive_denoising_commits_confident_rows_only() -> None:
 
     flips = {"n": 0}
 
-    def x0_fn(x, t, sc):
+    def x0_fn(x, t, sc, rows):
         flips["n"] += 1
         out = torch.full_like(x, 0.9)
-        out[1] *= (-1) ** flips["n"]  # row 1 never stable
+        rows = torch.arange(2) if rows is None else rows
+        assert len(rows) == len(x)
+        out[rows == 1] *= (-1) ** flips["n"]  # row 1 never stable
         return out
 
     kw = dict(device=torch.device("cpu"), dtype=torch.float64)
@@ -143,11 +145,11 @@ def test_adaptive_denoising_commits_confident_rows_only() -> None:
     assert torch.equal(adapt[0], torch.full((3, 5), 0.9, dtype=torch.float64))  # committed
     assert torch.equal(adapt[1], fixed[1])
     _, k_one = euler_sample(
-        lambda x, t, sc: torch.full_like(x, 0.9), (2, 3, 5), 8, commit=0.5, **kw
+        lambda x, t, sc, rows: torch.full_like(x, 0.9), (2, 3, 5), 8, commit=0.5, **kw
     )
     assert k_one.tolist() == [2, 2]  # the second evaluation confirms the signs
     _, k_strict = euler_sample(
-        lambda x, t, sc: torch.full_like(x, 0.9), (2, 3, 5), 8, commit=0.95, **kw
+        lambda x, t, sc, rows: torch.full_like(x, 0.9), (2, 3, 5), 8, commit=0.95, **kw
     )
     assert k_strict.tolist() == [8, 8]
 
