@@ -125,3 +125,56 @@ def test_legacy_folders_are_complete_by_the_old_rule(dist_world1, tmp_path, tiny
     assert "written before commit markers" in caplog.text
     (ck / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
     assert not checkpoint.is_complete(str(ck))
+
+
+def _dies_before_commit(flag: str, step: int):
+    """A train loop that SIGKILLs rank 0 once, between step ``step``'s upload and its marker."""
+
+    def loop(info):
+        import os
+        import signal
+        from pathlib import Path
+
+        from bitlm.train import worker
+
+        commit = worker.RaySession.commit
+
+        def dying(self, s):
+            if s == step and not Path(flag).exists():
+                Path(flag).touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            commit(self, s)
+
+        worker.RaySession.commit = dying
+        worker.train_worker(info)
+
+    return loop
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_worker_killed_during_a_save_resumes_from_the_previous_checkpoint(
+    ray_local, tiny_data, tmp_path, mlflow_uri, monkeypatch
+):
+    """2 workers: rank 0 dies after every rank's upload of step 3, before its marker; Ray
+    restarts the group, which resumes from step 2 and logs the uninterrupted run's losses."""
+    import sys
+
+    import cloudpickle
+    from helpers import metric_history, train
+
+    from bitlm.train import launch
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the loop runs in the workers
+    common = ["zero_stage=2", "steps=4", "checkpoint.every_steps=1", "failure.max_failures=1"]
+    full = train(tiny_data, tmp_path / "runs", "full", *common)
+    flag = tmp_path / "killed"
+    monkeypatch.setattr(launch, "train_worker", _dies_before_commit(str(flag), 3))
+    res = train(tiny_data, tmp_path / "runs", "killed", *common)
+    assert flag.exists() and res.checkpoint.endswith(checkpoint.dir_name(4))
+    # step 3 committed: saved again by the restarted group, which resumed from step 2
+    assert [s for s, _ in checkpoint.list_complete(res.run_dir)] == [2, 3, 4]
+
+    a = dict(metric_history(mlflow_uri, full.mlflow_run_id))
+    b = metric_history(mlflow_uri, res.mlflow_run_id)  # the killed attempt's losses too
+    assert sorted({s for s, _ in b}) == [1, 2, 3, 4] and all(v == a[s] for s, v in b)
