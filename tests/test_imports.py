@@ -1,7 +1,7 @@
-"""The import rules of docs/architecture.md, read from the source (ast, every import in a file,
-lazy ones included): the checkpoint module is a leaf, the model code imports no Ray, MLflow or
-DeepSpeed. The rules issue 13 has not reached yet are strict xfails naming what breaks them:
-they fail once fixed, so the marker goes with the fix."""
+"""The import rules of issue 13, read from the source (ast, every import in a file, lazy ones
+included): the checkpoint module is a leaf, the model code imports no Ray, MLflow or DeepSpeed.
+The rules issue 13 has not reached yet are pinned to today's offenders, named below: a new
+offender fails, and so does fixing one (then shrink the list with the fix)."""
 
 from __future__ import annotations
 
@@ -89,22 +89,26 @@ def _cycles() -> list[tuple[str, str]]:
     return [(a, b) for a in mods for b in mods if a < b and b in reach[a] and a in reach[b]]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.3: bitlm/eval/main_job.py imports pipeline")
+# Known offenders (issue 13.3: the main job's orchestration and auto-eval wiring move to jobs/;
+# 13.6: the fused forward moves beside DiffusionHead, pretrained stops importing the model).
+IMPORTS_PIPELINE = ["bitlm.eval.main_job"]
+TRAINING_IMPORTS_EVAL = ["bitlm.train.launch"]
+CYCLES = [
+    ("bitlm.eval.evaluate", "bitlm.train.launch"),
+    ("bitlm.head", "bitlm.kernels.fused_head"),
+    ("bitlm.model", "bitlm.pretrained"),
+]
+
+
 def test_bitlm_never_imports_pipeline():
-    assert not [m for m in MODULES if m.startswith("bitlm") and _under(imports(m), "pipeline")]
+    got = [m for m in MODULES if m.startswith("bitlm") and _under(imports(m), "pipeline")]
+    assert sorted(got) == IMPORTS_PIPELINE
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.3: bitlm/train/launch.py starts evaluation")
 def test_training_never_imports_evaluation():
-    assert not [
-        m for m in MODULES if m.startswith("bitlm.train") and _under(imports(m), "bitlm.eval")
-    ]
+    got = [m for m in MODULES if m.startswith("bitlm.train") and _under(imports(m), "bitlm.eval")]
+    assert sorted(got) == TRAINING_IMPORTS_EVAL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13.3/13.6: eval.evaluate <-> train.launch, head <-> kernels.fused_head, "
-    "model <-> pretrained",
-)
 def test_no_import_cycles():
-    assert not _cycles()
+    assert _cycles() == CYCLES
