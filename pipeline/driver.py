@@ -42,7 +42,15 @@ from pipeline.config import CONTENT_KEYS, InputSpec, PreprocessConfig
 from pipeline.neardedup import near_duplicates, signature_scheme
 from pipeline.readers import InputUnreadable
 from pipeline.steps import alive, run_steps, scan_steps
-from pipeline.storage import InputFile, Storage, StorageError, is_s3, s3_options_from_env
+from pipeline.storage import (
+    InputFile,
+    Storage,
+    StorageError,
+    credential_env,
+    is_s3,
+    s3_options_from_env,
+    without_credentials,
+)
 from pipeline.tokenizer import build_code_table, eod_id_of, sample_order, train_bpe
 from pipeline.units import codeword_dtype, index_bands, index_rows, read_input, run_task
 
@@ -316,7 +324,9 @@ def _ray_map(
     ds = ray.data.from_items(
         [{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs)
     )
-    ds = ds.map_batches(run_task, batch_size=1, num_cpus=cfg.ray.cpus_per_task)
+    env = credential_env()  # S3 credentials reach the tasks through runtime_env only
+    remote = {"runtime_env": {"env_vars": env}} if env else {}
+    ds = ds.map_batches(run_task, batch_size=1, num_cpus=cfg.ray.cpus_per_task, **remote)
     out = []
     with tqdm(total=len(specs), desc=desc, unit="unit", disable=not cfg.progress) as bar:
         for row in ds.iter_rows():
@@ -540,7 +550,7 @@ def _run(
     limits = asdict(cfg.limits)
     common = {
         "root": root,
-        "s3": storage.s3_options,
+        "s3": without_credentials(storage.s3_options),  # tasks read theirs from the env
         "filters": asdict(cfg.filters),
         "limits": limits,
     }

@@ -1,9 +1,10 @@
 """Local folders and ``s3://`` prefixes through fsspec (s3fs), with atomic writes.
 
-Credentials come from the environment of the driver (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_SESSION_TOKEN, AWS_PROFILE, AWS_ENDPOINT_URL); the driver turns them into plain
-``storage_options`` that travel with each unit of work, because Ray workers keep the environment
-they were started with.
+Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_SESSION_TOKEN, AWS_PROFILE; AWS_ENDPOINT_URL and the region are not secret). A unit of work
+carries only the non-secret ``storage_options``; the driver forwards the credential variables to
+its tasks through Ray's runtime_env (``credential_env``) and each worker reads them from its own
+environment (``with_env_credentials``), so no secret is ever part of a task's arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["InputFile", "Storage", "StorageError", "s3_options_from_env"]
+__all__ = [
+    "InputFile",
+    "Storage",
+    "StorageError",
+    "credential_env",
+    "s3_options_from_env",
+    "with_env_credentials",
+    "without_credentials",
+]
 
 
 class StorageError(RuntimeError):
@@ -40,6 +49,26 @@ def s3_options_from_env() -> dict[str, Any]:
     if client:
         opts["client_kwargs"] = client
     return opts
+
+
+_CREDENTIAL_OPTIONS = ("key", "secret", "token", "profile")
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def without_credentials(opts: dict[str, Any]) -> dict[str, Any]:
+    """The s3fs options a task spec may carry: everything but the credentials."""
+    return {k: v for k, v in opts.items() if k not in _CREDENTIAL_OPTIONS}
+
+
+def with_env_credentials(opts: dict[str, Any]) -> dict[str, Any]:
+    """A task's s3fs options plus the credentials of the environment it runs in."""
+    env = s3_options_from_env()
+    return {**opts, **{k: env[k] for k in _CREDENTIAL_OPTIONS if k in env}}
+
+
+def credential_env() -> dict[str, str]:
+    """The credential variables of this process, for a task's runtime_env."""
+    return {k: os.environ[k] for k in _CREDENTIAL_ENV if os.environ.get(k)}
 
 
 def is_s3(url: str) -> bool:

@@ -58,7 +58,7 @@ from pipeline.steps import (
     scan_steps,
     step_counters,
 )
-from pipeline.storage import Storage
+from pipeline.storage import Storage, with_env_credentials
 
 __all__ = [
     "codeword_dtype",
@@ -207,7 +207,7 @@ def _table_bytes(table: pa.Table) -> bytes:
 
 def scan_unit(spec: dict[str, Any]) -> dict[str, Any]:
     """Writes the unit's index file (all its files' documents); returns counters."""
-    storage = Storage(spec["s3"])
+    storage = Storage(with_env_credentials(spec["s3"]))
     t0 = time.perf_counter()
     counters: dict[str, dict[str, int]] = {}
     nbytes = 0
@@ -260,7 +260,7 @@ def _dataset_codec(storage: Storage, root: str, tok_hash: str) -> tuple[Any, np.
 
 def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
     """Writes the unit's shards (and rejects), then its marker; returns the marker's content."""
-    storage = Storage(spec["s3"])
+    storage = Storage(with_env_credentials(spec["s3"]))
     root, unit = spec["root"], spec["unit"]
     t0 = time.perf_counter()
     tok, code_of_id = _dataset_codec(storage, root, spec["tokenizer_hash"])

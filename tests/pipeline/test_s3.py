@@ -25,7 +25,24 @@ def s3fs_client(endpoint: str):
     )
 
 
-def test_s3_end_to_end(ray_local, s3_env, corpus, make_config, pp) -> None:
+def test_s3_end_to_end(ray_local, s3_env, corpus, make_config, pp, monkeypatch) -> None:
+    """Also: the credentials reach the Ray tasks through runtime_env only, never inside a task's
+    spec (issue 12.5); Ray was started before they were set, so the tasks must get them."""
+    import uuid
+
+    import pipeline.driver as driver
+
+    key, secret = f"AKIA{uuid.uuid4().hex[:16]}", f"secret-{uuid.uuid4().hex}"  # moto takes any
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    sent: list[str] = []
+    real_map = driver._ray_map
+
+    def capture(cfg, specs, *args, **kw):
+        sent.extend(json.dumps(spec) for spec in specs)
+        return real_map(cfg, specs, *args, **kw)
+
+    monkeypatch.setattr(driver, "_ray_map", capture)
     fs = s3fs_client(s3_env)
     fs.mkdir("corpus-in")
     fs.mkdir("datasets")
@@ -36,6 +53,7 @@ def test_s3_end_to_end(ray_local, s3_env, corpus, make_config, pp) -> None:
     cfg = make_config(corpus.inputs("s3://corpus-in/c"), out)
     s = run_preprocess(cfg)
     assert s["work_done"] and s["files_new"] == 8
+    assert sent and not [spec for spec in sent if secret in spec or key in spec]
     m = json.loads(fs.cat_file("datasets/e2e/manifest.json"))
     assert all(r["path"].startswith("s3://corpus-in/c/") for r in m["inputs"])
     assert not fs.exists("datasets/e2e/_work")
