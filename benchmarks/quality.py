@@ -178,7 +178,8 @@ class Bench:
             out[f"gen/distinct_2{sfx}"] = distinct_n(cont, 2)
             out[f"gen/repetition_rate{sfx}"] = repetition_rate(cont, 4)
             if model.is_diffusion:  # head evaluations per sampled block (K when fixed)
-                blocks = len(seq) * -(-new // model.config.block_size)
+                m = model.config.block_size  # the first block completes a partial prompt's
+                blocks = len(seq) * -(-(P % m + new) // m)
                 out[f"gen/head_evals_per_block{sfx}"] = model.head.sample_evals / blocks
         return out
 

@@ -118,7 +118,7 @@ def euler_sample(
             tt = t[:, 0].expand(shape[0], m)  # [R, m]
         if known is not None:
             x = torch.where(km, (1 - t) * known + t * known_noise, x)
-        if done.any():  # evaluate the blocks still running only
+        if commit < 1.0 and done.any():  # evaluate the blocks still running only
             rows = (~done).nonzero()[:, 0]
             sc = None if x_sc is None else x_sc[rows]
             x0 = prev.clone()
