@@ -485,7 +485,7 @@ class BitLM(nn.Module):
     # ---- consolidated checkpoints ------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write model.safetensors + config.json + code_table.json (atomically, no pickle)."""
-        save_pretrained(self, path)
+        save_pretrained(self, self.config, self.codec.table, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu") -> BitLM:

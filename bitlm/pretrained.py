@@ -10,17 +10,18 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .codec import CodeTable
 from .config import ModelConfig
 
-if TYPE_CHECKING:
-    from .model import BitLM
+M = TypeVar("M", bound=nn.Module)
 
 __all__ = ["CheckpointError", "load_pretrained", "save_pretrained"]
 
@@ -31,18 +32,20 @@ class CheckpointError(ValueError):
     """A consolidated checkpoint is missing, corrupt or does not match its config."""
 
 
-def save_pretrained(model: BitLM, path: str | os.PathLike) -> None:
+def save_pretrained(
+    model: nn.Module, config: ModelConfig, table: CodeTable, path: str | os.PathLike
+) -> None:
+    """Write the weights of ``model`` (built from ``config`` and ``table``) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "bitlm"})
-        table = model.codec.table
         (tmp / "code_table.json").write_text(table.to_json())
         meta = {
             "format_version": FORMAT_VERSION,
-            "model": model.config.to_dict(),
+            "model": config.to_dict(),
             "code_table_hash": table.hash,
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -59,7 +62,10 @@ def save_pretrained(model: BitLM, path: str | os.PathLike) -> None:
         raise
 
 
-def load_pretrained(cls: type[BitLM], path: str | os.PathLike, map_location: str = "cpu") -> BitLM:
+def load_pretrained(
+    build: Callable[[ModelConfig, CodeTable], M], path: str | os.PathLike, map_location: str = "cpu"
+) -> M:
+    """The model ``build(config, table)`` with the weights saved in ``path``."""
     path = Path(path)
     for name in ("config.json", "code_table.json", "model.safetensors"):
         if not (path / name).is_file():
@@ -82,7 +88,7 @@ def load_pretrained(cls: type[BitLM], path: str | os.PathLike, map_location: str
         state = load_file(str(path / "model.safetensors"), device=map_location)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt model.safetensors: {e}") from None
-    model = cls(config, table)
+    model = build(config, table)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

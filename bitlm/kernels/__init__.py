@@ -12,11 +12,9 @@ same functions with fewer launches and fewer round trips to memory:
              autograd.Function.
 - loss.py:   x0-MSE / v-loss on the head's pre-squash output (tanh, bits recomputed from the code
              words, weighting) with its gradient, in one kernel.
-- fused_head.py: the head's forward over these pieces (same parameters as DiffusionHead), the
-             fused training loss, and the whole K-step Euler sampler with batched guidance and
-             repair captured in one CUDA graph.
-
-Dispatch lives in DiffusionHead (bitlm/head.py): the fused path runs on CUDA tensors when
+Every kernel takes tensors and returns tensors. The head's forward over these pieces (walking a
+DiffusionHead's modules), the fused training loss and the CUDA-graph sampler sit beside
+DiffusionHead in bitlm/head.py, which also dispatches: the fused path runs on CUDA tensors when
 ModelConfig.fused_head is True and Triton imports, and not under autocast or ZeRO-3 (partitioned
 parameters); the reference path runs everywhere else. On
 CPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1), which the tests use.

@@ -28,10 +28,9 @@ pytest.importorskip("triton")
 from bitlm import BitLM, ModelConfig
 from bitlm.codec import BitCodec
 from bitlm.diffusion import diffusion_loss
-from bitlm.head import AdaLNBlock, DiffusionHead, modulate
+from bitlm.head import _GRAPHS, AdaLNBlock, DiffusionHead, fused_sample_block, modulate
 from bitlm.kernels import interpreting
 from bitlm.kernels.bits import noise_bits, repair_words
-from bitlm.kernels.fused_head import _GRAPHS, fused_sample_block
 from bitlm.kernels.loss import fused_bit_loss
 from bitlm.kernels.mlp import adaln_mlp, ln_modulate
 
