@@ -120,7 +120,7 @@ def _client(tracking_uri: str):
 
 def tracking_uri_for(storage_path: str = "runs") -> str:
     """MLFLOW_TRACKING_URI, else the embedded sqlite store beside the runs (as training)."""
-    from ..train.tracking import default_tracking_uri
+    from ..tracking import default_tracking_uri
 
     return default_tracking_uri(storage_path)
 
@@ -798,7 +798,7 @@ def start_auto_eval(recipe: Any, run_dir: str, tracking_uri: str, run_id: str) -
     """Start the watcher of a training run (``eval.auto``); the driver waits for it at the end."""
     import ray
 
-    from ..train.tracking import split_credentials
+    from ..tracking import split_credentials
 
     client = _client(tracking_uri)
     run = client.get_run(run_id)

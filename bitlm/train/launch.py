@@ -16,9 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..checkpoint import latest_complete
-from .config import TrainRecipe
-from .data import DataError, Manifest, open_fs, select_version
-from .tracking import (
+from ..tracking import (
     default_tracking_uri,
     describe_changes,
     find_or_create_run,
@@ -26,6 +24,8 @@ from .tracking import (
     split_credentials,
     sync_params,
 )
+from .config import TrainRecipe
+from .data import DataError, Manifest, open_fs, select_version
 from .worker import FATAL_FILE, RunInfo, train_worker
 
 log = logging.getLogger("bitlm.train")

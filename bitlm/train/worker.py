@@ -372,7 +372,7 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
 
     tracker = None
     if rank == 0 and recipe.mlflow.enabled and run.tracking_uri:
-        from .tracking import RunLogger
+        from ..tracking import RunLogger
 
         tracker = RunLogger(
             run.tracking_uri,

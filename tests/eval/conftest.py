@@ -32,7 +32,7 @@ class Trained:
 @pytest.fixture(scope="session")
 def eval_store(tmp_path_factory) -> str:
     """One sqlite MLflow store for the session, exported as MLFLOW_TRACKING_URI."""
-    from bitlm.train.tracking import find_or_create_run
+    from bitlm.tracking import find_or_create_run
 
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     uri = f"sqlite:///{db}"

@@ -43,7 +43,7 @@ def dist_world1():
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory) -> Path:
     """An empty, migrated MLflow sqlite store (creating one costs ~16 s; copies are free)."""
-    from bitlm.train.tracking import find_or_create_run
+    from bitlm.tracking import find_or_create_run
 
     db = tmp_path_factory.mktemp("mlflow") / "template.db"
     find_or_create_run(f"sqlite:///{db}", "warmup", "warmup", {})

@@ -15,7 +15,7 @@ import uuid
 import pytest
 from helpers import metric_history, train
 
-from bitlm.train.tracking import MAX_ATTEMPTS, RunLogger
+from bitlm.tracking import MAX_ATTEMPTS, RunLogger
 
 
 @pytest.fixture
