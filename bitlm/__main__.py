@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _job(name: str) -> Callable[[list[str]], int]:
-    """``main`` of jobs/<name>.py (the preprocess and pretrain jobs live there)."""
+    """``main`` of jobs/<name>.py (the preprocess, pretrain and main jobs live there: they wire
+    pipeline, training and evaluation, which bitlm's packages never import from each other)."""
 
     def run(argv: list[str]) -> int:
         path = ROOT / "jobs" / f"{name}.py"
@@ -49,7 +50,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "pretrain": (_job("pretrain"), "pre-train with Ray Train + DeepSpeed"),
     "evaluate": (_lazy("evaluate_main"), "evaluate checkpoints into MLflow child runs"),
     "compare": (_lazy("compare_main"), "compare runs: table and plots"),
-    "main": (_lazy("main_job_main"), "the end-to-end main job"),
+    "main": (_job("main"), "the end-to-end main job"),
     "generate": (_lazy("generate_main"), "sample text from a model"),
 }
 

@@ -1,8 +1,18 @@
-"""MLflow for training runs: never fatal.
+"""MLflow tracking, the one owner of how this project talks to MLflow (a leaf: imports nothing
+of bitlm; MLflow lazily).
 
-The driver finds or creates the run whose ``run_name`` equals the Ray Train run name (so a
-relaunch logs into the same run) and sets the final status (FINISHED or FAILED). Rank 0 logs
-through ``RunLogger``: every call is queued and a background thread sends it.
+- Client settings: ``client()`` is every MLflow client of the project, with ONE definition of
+  the HTTP retries and timeout (fail fast; each caller retries at its own level);
+  ``default_tracking_uri``, ``split_credentials``.
+- Runs: a training run is the run whose ``run_name`` equals the Ray Train run name
+  (``find_or_create_run``: a relaunch logs into the same run; ``set_final_status``);
+  ``find_run`` resolves an id or a name back to it for evaluation and comparison.
+- Evaluation child runs: one per (training run, checkpoint step), tags ``bitlm_kind=eval`` and
+  ``bitlm_eval_step=<step>``; ``claim_eval`` creates one unless a FINISHED one exists or a live
+  evaluator holds it, ``finish_eval`` logs its results, ``eval_children`` and
+  ``evaluated_steps`` read them back.
+- Logging: rank 0 logs through ``RunLogger``: every call is queued and a background thread
+  sends it; never fatal.
 
 Failures are told apart by asking the server: when a call fails and the server does not answer
 either, the server is down (warn once, keep everything, catch up when it returns: transient);
@@ -18,32 +28,68 @@ and returns the changes, which the driver prints.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("bitlm.train")
+log = logging.getLogger("bitlm.tracking")
 
 __all__ = [
+    "KIND_TAG",
     "MAX_ATTEMPTS",
+    "STEP_TAG",
     "RunLogger",
+    "RunLookupError",
+    "claim_eval",
+    "client",
     "default_tracking_uri",
     "describe_changes",
+    "eval_children",
+    "evaluated_steps",
     "find_or_create_run",
+    "find_run",
+    "finish_eval",
     "is_permanent",
+    "is_training_run",
     "set_final_status",
     "split_credentials",
     "sync_params",
 ]
 
+# The HTTP settings of every MLflow client here: fail fast against a dead server (MLflow's
+# default retries for minutes); the logger's queue, the final status and the evaluation watcher
+# retry at their own level. Values set in the environment win.
+HTTP_MAX_RETRIES = 0
+HTTP_TIMEOUT_S = 5
 MAX_ATTEMPTS = 3  # tries of a call that fails while the server answers other requests
 PARAM_LIMIT = 6000  # MLflow's longest param value
 CHANGED_TAG = "changed."
+KIND_TAG = "bitlm_kind"  # train (or absent) | eval | compare
+STEP_TAG = "bitlm_eval_step"  # the checkpoint step an eval child run evaluated
+OWNER_TAG = "bitlm_eval_owner"  # host:pid of the evaluating process
+STALE_CLAIM_S = 1800.0  # a RUNNING eval child older than this is a crashed evaluator's
+_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class RunLookupError(ValueError):
+    """No run or experiment of that id or name, or a name held in several experiments."""
+
+
+def client(tracking_uri: str) -> Any:
+    """An MlflowClient with this module's HTTP settings."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_MAX_RETRIES))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
 
 
 def _http_status(e: BaseException) -> int | None:
@@ -89,12 +135,6 @@ def describe_changes(changed: dict[str, tuple[str, str]]) -> str:
     return "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items()))
 
 
-def _quick_http() -> None:
-    """Fail fast against a dead server (the default retries for minutes)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-
-
 def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
     """``http://user:secret@host/...`` -> (``http://host/...``, user, secret): the URI may
     travel (to Ray workers, into logs), the credentials only in the environment
@@ -110,7 +150,7 @@ def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
     return clean, unquote(user) or None, unquote(password) or None
 
 
-def default_tracking_uri(storage_path: str) -> str:
+def default_tracking_uri(storage_path: str = "runs") -> str:
     """MLFLOW_TRACKING_URI, else a sqlite store beside the runs (absolute: workers run with
     another cwd). With s3:// storage the embedded store lives in ./runs."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -129,31 +169,29 @@ def _artifact_root(tracking_uri: str) -> str | None:
 
 def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, tags: dict) -> str:
     """The id of the run named ``run_name`` in ``experiment`` (created if absent), RUNNING."""
-    _quick_http()
     from mlflow.entities import RunStatus
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
     if exp is None:
         try:
-            exp_id = client.create_experiment(experiment, _artifact_root(tracking_uri))
+            exp_id = c.create_experiment(experiment, _artifact_root(tracking_uri))
         except Exception:  # created concurrently
-            exp = client.get_experiment_by_name(experiment)
+            exp = c.get_experiment_by_name(experiment)
             if exp is None:
                 raise
             exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
     safe = run_name.replace("'", "")
-    runs = client.search_runs(
+    runs = c.search_runs(
         [exp_id], f"tags.mlflow.runName = '{safe}'", max_results=1, order_by=["start_time DESC"]
     )
     if runs:
         run_id = runs[0].info.run_id
-        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     else:
-        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        run_id = c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     return run_id
 
 
@@ -162,22 +200,160 @@ def set_final_status(
 ) -> None:
     """FINISHED or FAILED (with the error as a tag), retrying for up to ``retry_s`` while the
     server is unreachable; warns instead of raising."""
-    _quick_http()
-    from mlflow.tracking import MlflowClient
-
     deadline = time.monotonic() + retry_s
     while True:
         try:
-            client = MlflowClient(tracking_uri)
+            c = client(tracking_uri)
             if error:
-                client.set_tag(run_id, "error", error[:4000])
-            client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+                c.set_tag(run_id, "error", error[:4000])
+            c.set_terminated(run_id, "FINISHED" if ok else "FAILED")
             return
         except Exception as e:
             if is_permanent(e) or time.monotonic() > deadline:
                 log.warning("MLflow: could not set the final status of run %s: %s", run_id, e)
                 return
             time.sleep(1.0)
+
+
+def is_training_run(run: Any) -> bool:
+    """A training run, not an evaluation child or a comparison."""
+    tags = run.data.tags
+    return tags.get(KIND_TAG) in (None, "train") and "mlflow.parentRunId" not in tags
+
+
+def find_run(
+    c: Any,
+    run: str,
+    experiment: str | None = None,
+    *,
+    experiment_id: str | None = None,
+    unique: bool = False,
+) -> Any:
+    """An MLflow run by id, else the newest training run with that name: in ``experiment``
+    (a name) or ``experiment_id`` when given, else in any experiment; with ``unique``, a name
+    held by training runs of several experiments is an error (which one to load is not ours
+    to guess: anyone who can write to another experiment could plant a run of that name)."""
+    import mlflow.exceptions
+
+    if experiment is not None:
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            raise RunLookupError(f"unknown experiment {experiment!r}")
+        experiment_id = exp.experiment_id
+    if len(run) == 32 and all(ch in "0123456789abcdef" for ch in run):
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            r = c.get_run(run)
+            if experiment_id is not None and r.info.experiment_id != experiment_id:
+                raise RunLookupError(
+                    f"run {run} is not in experiment {experiment or experiment_id}"
+                )
+            return r
+    safe = run.replace("'", "")
+    if experiment_id is not None:
+        exps = [experiment_id]
+    else:
+        exps = [e.experiment_id for e in c.search_experiments()]
+    found = [
+        r
+        for r in c.search_runs(
+            exps, f"tags.mlflow.runName = '{safe}'", order_by=["start_time DESC"]
+        )
+        if is_training_run(r)
+    ]
+    if not found:
+        where = f" in experiment {experiment or experiment_id}" if experiment_id else ""
+        raise RunLookupError(f"unknown run {run!r}: no MLflow run with that id or name{where}")
+    holders = sorted({r.info.experiment_id for r in found})
+    if unique and len(holders) > 1:
+        names = ", ".join(repr(c.get_experiment(e).name) for e in holders)
+        raise RunLookupError(
+            f"run name {run!r} is ambiguous: training runs of that name are in experiments "
+            f"{names}; pass --experiment NAME (or the run id)"
+        )
+    return found[0]
+
+
+# ---- evaluation child runs -------------------------------------------------------------------
+def eval_children(c: Any, experiment_id: str, parent_id: str, step: int | None = None) -> list:
+    """The evaluation child runs of a training run (of one checkpoint step), oldest first."""
+    where = f"tags.mlflow.parentRunId = '{parent_id}' and tags.{KIND_TAG} = 'eval'"
+    if step is not None:
+        where += f" and tags.{STEP_TAG} = '{step}'"
+    return c.search_runs([experiment_id], where, max_results=5000, order_by=["start_time ASC"])
+
+
+def evaluated_steps(c: Any, experiment_id: str, parent_id: str) -> set[int]:
+    """Steps of a training run with a FINISHED evaluation child run."""
+    runs = eval_children(c, experiment_id, parent_id)
+    return {int(r.data.tags[STEP_TAG]) for r in runs if r.info.status == "FINISHED"}
+
+
+def _owner_alive(owner: str) -> bool:
+    """False only when the claiming process ran on this host and is gone."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def claim_eval(
+    c: Any, experiment_id: str, parent_id: str, parent_name: str, step: int, ckpt: str
+) -> tuple[str | None, str]:
+    """Create the RUNNING child run for (parent, step) unless one is FINISHED ("skipped") or
+    another live evaluator holds it ("busy"). Returns (child run id or None, why not)."""
+    now = time.time() * 1000
+    for r in eval_children(c, experiment_id, parent_id, step):
+        if r.info.status == "FINISHED":
+            return None, "skipped"
+        live = now - r.info.start_time < STALE_CLAIM_S * 1000
+        if r.info.status == "RUNNING" and live and _owner_alive(r.data.tags.get(OWNER_TAG, "")):
+            return None, "busy"
+        c.delete_run(r.info.run_id)  # failed or abandoned attempt
+    child = c.create_run(
+        experiment_id,
+        run_name=f"{parent_name}-eval-{step:08d}",
+        tags={
+            "mlflow.parentRunId": parent_id,
+            KIND_TAG: "eval",
+            STEP_TAG: str(step),
+            OWNER_TAG: _OWNER,
+            "bitlm_eval_checkpoint": ckpt,
+        },
+    )
+    cid = child.info.run_id
+    first = eval_children(c, experiment_id, parent_id, step)[0]  # concurrent: the older wins
+    if first.info.run_id != cid and first.info.status == "RUNNING":
+        c.delete_run(cid)
+        return None, "busy"
+    return cid, ""
+
+
+def finish_eval(
+    c: Any,
+    cid: str,
+    step: int,
+    metrics: dict[str, float],
+    params: dict[str, Any],
+    texts: dict[str, str],
+) -> None:
+    """Log an evaluation's metrics (at ``step``), params and text artifacts (path -> text,
+    plus metrics.json) into its child run, then mark it FINISHED."""
+    from mlflow.entities import Metric, Param
+
+    ts = int(time.time() * 1000)
+    ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if math.isfinite(v)]
+    ps = [Param(k, str(v)[:PARAM_LIMIT]) for k, v in params.items()]
+    c.log_batch(cid, metrics=ms, params=ps)
+    for path, text in texts.items():
+        c.log_text(cid, text, path)
+    c.log_text(cid, json.dumps(metrics, indent=1, sort_keys=True), "metrics.json")
+    c.set_terminated(cid, "FINISHED")
 
 
 class _Call:
@@ -206,10 +382,7 @@ class RunLogger:
         run_name: str,
         system_metrics: bool,
     ) -> None:
-        _quick_http()
-        from mlflow.tracking import MlflowClient
-
-        self._client = MlflowClient(tracking_uri)
+        self._client = client(tracking_uri)
         self._uri = tracking_uri
         self._experiment = experiment
         self._run_name = run_name

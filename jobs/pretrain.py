@@ -4,7 +4,9 @@
     python jobs/pretrain.py export --run RUN_OR_DIR --out DIR [--storage-path runs]
 
 The same command runs on a laptop (embedded local Ray) and under `ray job submit`.
-Relaunching with the same --name resumes from its latest checkpoint.
+Relaunching with the same --name resumes from its latest checkpoint. With eval.auto, the
+evaluation watcher (bitlm.eval) runs beside the run: this job wires it, training never imports
+evaluation.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--name", default=None, help="run name (reuse it to resume)")
     a = p.parse_args(argv)
+    from bitlm.eval.evaluate import start_auto_eval
     from bitlm.recipe import RecipeError
     from bitlm.train import DataError, TrainingAborted, load_train_recipe, run
 
     try:
         recipe = load_train_recipe(a.config, a.overrides, a.name)
-        result = run(recipe)
+        result = run(recipe, on_start=start_auto_eval)
     except (RecipeError, DataError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Evaluation of training checkpoints into MLflow, run comparison, and the main job.
+"""Evaluation of training checkpoints into MLflow, and run comparison.
 
 Training-side code (imports MLflow, and Ray for the automatic watcher, lazily); the model
 itself stays in bitlm.model. docs/evaluation.md describes the metrics and the commands."""

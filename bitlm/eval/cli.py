@@ -1,4 +1,4 @@
-"""Command lines of the evaluation jobs: ``evaluate``, ``compare``, ``generate`` and ``main``.
+"""Command lines of the evaluation jobs: ``evaluate``, ``compare`` and ``generate``.
 
 Every entry point returns an exit code: 0 ok, 1 a run failed (one line on stderr), 2 bad input
 (unknown run, no checkpoints, a checkpoint from another dataset, a bad recipe): never a
@@ -14,7 +14,7 @@ import sys
 
 from .evaluate import EvalSettings
 
-__all__ = ["compare_main", "evaluate_main", "generate_main", "main_job_main"]
+__all__ = ["compare_main", "evaluate_main", "generate_main"]
 
 _SHOWN = (
     "val/loss",
@@ -29,10 +29,11 @@ _SHOWN = (
 def _bad_input() -> tuple[type[BaseException], ...]:
     from ..pretrained import CheckpointError
     from ..recipe import RecipeError
+    from ..tracking import RunLookupError
     from ..train.data import DataError
     from .evaluate import EvalError
 
-    return (EvalError, RecipeError, DataError, CheckpointError, FileNotFoundError)
+    return (EvalError, RunLookupError, RecipeError, DataError, CheckpointError, FileNotFoundError)
 
 
 def _fail(prog: str, e: BaseException) -> None:
@@ -176,12 +177,13 @@ def generate_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from .evaluate import EvalError, load_any_model, tracking_uri_for
+    from ..tracking import default_tracking_uri
+    from .evaluate import EvalError, load_any_model
 
     try:
         model, _, tok_json = load_any_model(
             a.model,
-            a.tracking_uri or tracking_uri_for(),
+            a.tracking_uri or default_tracking_uri(),
             experiment=a.experiment,
             roots=a.storage_roots,
         )
@@ -209,10 +211,3 @@ def generate_main(argv: list[str] | None = None) -> int:
         if a.num_samples > 1:
             print("-" * 40)
     return 0
-
-
-def main_job_main(argv: list[str] | None = None) -> int:
-    """The main job (bitlm.eval.main_job)."""
-    from .main_job import main
-
-    return main(argv)

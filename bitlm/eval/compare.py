@@ -2,8 +2,8 @@
 and each metric's final and best value, and PNG plots against tokens seen, one line per run.
 
 Training metrics come from the run itself, evaluation metrics from its evaluation child runs
-(bitlm.eval.evaluate), one point per evaluated checkpoint. Everything is written to a local
-folder and logged as the artifacts of a comparison run (tag bitlm_kind=compare).
+(bitlm.tracking.eval_children), one point per evaluated checkpoint. Everything is written to a
+local folder and logged as the artifacts of a comparison run (tag bitlm_kind=compare).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .evaluate import KIND_TAG, STEP_TAG, EvalError, _client, _is_training_run, find_run
+from .. import tracking
+from ..tracking import KIND_TAG, STEP_TAG
+from .evaluate import EvalError
 
 log = logging.getLogger("bitlm.eval")
 
@@ -79,12 +81,7 @@ def _collect(client: Any, run: Any, wanted: list[str]) -> RunData:
         if key in run.data.metrics:
             hist = _history(client, rid, key)
             rd.series[key] = [(tokens.get(s, math.nan), s, v) for s, v in hist]
-    children = client.search_runs(
-        [run.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{rid}' and tags.{KIND_TAG} = 'eval'",
-        max_results=5000,
-    )
-    for c in children:
+    for c in tracking.eval_children(client, run.info.experiment_id, rid):
         if c.info.status != "FINISHED":
             continue
         step = int(c.data.tags[STEP_TAG])
@@ -189,7 +186,7 @@ def _plot(runs: list[RunData], metrics: list[str], plot_dir: Path) -> tuple[list
 
 def _select(client: Any, runs: list[str] | None, experiment: str | None) -> list[Any]:
     if runs:
-        found = [find_run(client, r) for r in runs]
+        found = [tracking.find_run(client, r) for r in runs]
     elif experiment:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -197,7 +194,7 @@ def _select(client: Any, runs: list[str] | None, experiment: str | None) -> list
         found = [
             r
             for r in client.search_runs([exp.experiment_id], order_by=["start_time ASC"])
-            if _is_training_run(r)
+            if tracking.is_training_run(r)
         ]
         if not found:
             raise EvalError(f"experiment {experiment!r} has no training runs")
@@ -220,10 +217,8 @@ def compare(
     log_to_mlflow: bool = True,
 ) -> CompareResult:
     """Compare runs (ids or names) or every training run of an experiment."""
-    from .evaluate import tracking_uri_for
-
-    uri = tracking_uri or tracking_uri_for()
-    client = _client(uri)
+    uri = tracking_uri or tracking.default_tracking_uri()
+    client = tracking.client(uri)
     selected = _select(client, runs, experiment)
     wanted = list(metrics or DEFAULT_METRICS)
     data = [_collect(client, r, wanted) for r in selected]

@@ -16,7 +16,8 @@ run of that name; a reference run in the evaluated run's own experiment); the ru
 lie under a trusted storage root (``storage_roots``); an explicit checkpoint must lie in the
 run's folder; DeepSpeed's pickled shards are read with ``weights_only=True``
 (``bitlm.safeload``), consolidated models are safetensors. The checkpoint layout and what
-makes a checkpoint complete (its commit marker) are ``bitlm.checkpoint``'s.
+makes a checkpoint complete (its commit marker) are ``bitlm.checkpoint``'s; run lookup and the
+claims on child runs are ``bitlm.tracking``'s.
 """
 
 from __future__ import annotations
@@ -28,20 +29,23 @@ import json
 import logging
 import math
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .. import tracking
 from ..checkpoint import MARKER, STATE_FILE, consolidate, is_complete, list_complete, read_state
 from ..model import BitLM
 from ..recipe import from_dict
+
+if TYPE_CHECKING:
+    from ..train.launch import Started
 
 log = logging.getLogger("bitlm.eval")
 
@@ -53,21 +57,17 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_run",
     "resolve_run",
+    "start_auto_eval",
     "storage_roots",
     "watch",
 ]
 
 ROOTS_ENV = "BITLM_STORAGE_ROOTS"  # comma-separated storage roots evaluation may load from
 
-KIND_TAG = "bitlm_kind"
-STEP_TAG = "bitlm_eval_step"
-OWNER_TAG = "bitlm_eval_owner"  # host:pid of the evaluating process
-STALE_CLAIM_S = 1800.0  # a RUNNING eval child older than this is a crashed evaluator's
-_OWNER = f"{socket.gethostname()}:{os.getpid()}"
-
 
 class EvalError(ValueError):
-    """Bad input (unknown run, no checkpoints, checkpoint from another dataset): one clear line."""
+    """Bad input (no checkpoints, a folder outside the trusted roots, a checkpoint from another
+    dataset): one clear line. An unknown run is tracking's RunLookupError."""
 
 
 @dataclass
@@ -110,76 +110,6 @@ class Outcome:
 
 
 # ---- runs and checkpoints --------------------------------------------------------------------
-def _client(tracking_uri: str):
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri)
-
-
-def tracking_uri_for(storage_path: str = "runs") -> str:
-    """MLFLOW_TRACKING_URI, else the embedded sqlite store beside the runs (as training)."""
-    from ..tracking import default_tracking_uri
-
-    return default_tracking_uri(storage_path)
-
-
-def _is_training_run(run: Any) -> bool:
-    tags = run.data.tags
-    return tags.get(KIND_TAG) in (None, "train") and "mlflow.parentRunId" not in tags
-
-
-def find_run(
-    client: Any,
-    run: str,
-    experiment: str | None = None,
-    *,
-    experiment_id: str | None = None,
-    unique: bool = False,
-) -> Any:
-    """An MLflow run by id, else the newest training run with that name: in ``experiment``
-    (a name) or ``experiment_id`` when given, else in any experiment; with ``unique``, a name
-    held by training runs of several experiments is an error (which one to load is not ours
-    to guess: anyone who can write to another experiment could plant a run of that name)."""
-    import mlflow.exceptions
-
-    if experiment is not None:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise EvalError(f"unknown experiment {experiment!r}")
-        experiment_id = exp.experiment_id
-    if len(run) == 32 and all(c in "0123456789abcdef" for c in run):
-        with contextlib.suppress(mlflow.exceptions.MlflowException):
-            r = client.get_run(run)
-            if experiment_id is not None and r.info.experiment_id != experiment_id:
-                raise EvalError(f"run {run} is not in experiment {experiment or experiment_id}")
-            return r
-    safe = run.replace("'", "")
-    if experiment_id is not None:
-        exps = [experiment_id]
-    else:
-        exps = [e.experiment_id for e in client.search_experiments()]
-    found = [
-        r
-        for r in client.search_runs(
-            exps, f"tags.mlflow.runName = '{safe}'", order_by=["start_time DESC"]
-        )
-        if _is_training_run(r)
-    ]
-    if not found:
-        where = f" in experiment {experiment or experiment_id}" if experiment_id else ""
-        raise EvalError(f"unknown run {run!r}: no MLflow run with that id or name{where}")
-    holders = sorted({r.info.experiment_id for r in found})
-    if unique and len(holders) > 1:
-        names = ", ".join(repr(client.get_experiment(e).name) for e in holders)
-        raise EvalError(
-            f"run name {run!r} is ambiguous: training runs of that name are in experiments "
-            f"{names}; pass --experiment NAME (or the run id)"
-        )
-    return found[0]
-
-
 def storage_roots(tracking_uri: str | None = None, extra: Any = ()) -> list[str]:
     """The storage roots evaluation loads run folders from: ``extra`` (--storage-root),
     $BITLM_STORAGE_ROOTS (comma-separated), training's default ``./runs``, and the folder of
@@ -234,10 +164,11 @@ def resolve_run(
     roots: Any = (),
 ) -> RunRef:
     """MLflow id or name -> RunRef (its folder and dataset from the logged recipe params).
-    The name must be unambiguous (see find_run) and the folder under a trusted storage root
-    (``storage_roots(tracking_uri, roots)``): an EvalError otherwise, before anything is read."""
-    client = _client(tracking_uri)
-    r = find_run(client, run, experiment, experiment_id=experiment_id, unique=True)
+    The name must be unambiguous (``tracking.find_run``: a RunLookupError otherwise) and the
+    folder under a trusted storage root (``storage_roots(tracking_uri, roots)``: an EvalError
+    otherwise), before anything is read."""
+    client = tracking.client(tracking_uri)
+    r = tracking.find_run(client, run, experiment, experiment_id=experiment_id, unique=True)
     deadline = time.monotonic() + wait_params_s
     while "storage_path" not in r.data.params and time.monotonic() < deadline:
         time.sleep(2.0)  # rank 0 logs the params shortly after the run starts
@@ -453,90 +384,6 @@ def _samples_text(samples: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
-# ---- MLflow child runs -----------------------------------------------------------------------
-def _children(client: Any, parent: RunRef, step: int) -> list[Any]:
-    return client.search_runs(
-        [parent.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent.run_id}' and tags.{STEP_TAG} = '{step}'",
-        order_by=["start_time ASC"],
-    )
-
-
-def evaluated_steps(parent: RunRef) -> set[int]:
-    """Steps of ``parent`` with a FINISHED evaluation child run."""
-    client = _client(parent.tracking_uri)
-    runs = client.search_runs(
-        [parent.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent.run_id}' and tags.{KIND_TAG} = 'eval'",
-        max_results=5000,
-    )
-    return {int(r.data.tags[STEP_TAG]) for r in runs if r.info.status == "FINISHED"}
-
-
-def _owner_alive(owner: str) -> bool:
-    """False only when the claiming process ran on this host and is gone."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True
-
-
-def _claim(client: Any, parent: RunRef, step: int, ckpt: str) -> tuple[str | None, str]:
-    """Create the RUNNING child run for (parent, step) unless one is FINISHED or another live
-    evaluator holds it. Returns (child run id or None, why not)."""
-    now = time.time() * 1000
-    for r in _children(client, parent, step):
-        if r.info.status == "FINISHED":
-            return None, "skipped"
-        live = now - r.info.start_time < STALE_CLAIM_S * 1000
-        if r.info.status == "RUNNING" and live and _owner_alive(r.data.tags.get(OWNER_TAG, "")):
-            return None, "busy"
-        client.delete_run(r.info.run_id)  # failed or abandoned attempt
-    child = client.create_run(
-        parent.experiment_id,
-        run_name=f"{parent.name}-eval-{step:08d}",
-        tags={
-            "mlflow.parentRunId": parent.run_id,
-            KIND_TAG: "eval",
-            STEP_TAG: str(step),
-            OWNER_TAG: _OWNER,
-            "bitlm_eval_checkpoint": ckpt,
-        },
-    )
-    cid = child.info.run_id
-    first = _children(client, parent, step)[0]  # a concurrent claim: the older one wins
-    if first.info.run_id != cid and first.info.status == "RUNNING":
-        client.delete_run(cid)
-        return None, "busy"
-    return cid, ""
-
-
-def _log_child(
-    client: Any,
-    cid: str,
-    step: int,
-    metrics: dict[str, float],
-    params: dict[str, str],
-    samples: list[dict[str, Any]],
-) -> None:
-    from mlflow.entities import Metric, Param
-
-    ts = int(time.time() * 1000)
-    ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if math.isfinite(v)]
-    ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    client.log_batch(cid, metrics=ms, params=ps)
-    client.log_text(cid, _samples_text(samples), "samples/samples.txt")
-    client.log_text(cid, "\n".join(json.dumps(s) for s in samples) + "\n", "samples/samples.jsonl")
-    client.log_text(cid, json.dumps(metrics, indent=1, sort_keys=True), "metrics.json")
-    client.set_terminated(cid, "FINISHED")
-
-
 def _check_dataset(parent: RunRef, ckpt: str, state: dict[str, Any]) -> None:
     from ..train.data import DataError, Manifest
 
@@ -570,8 +417,10 @@ def evaluate_checkpoint(
     """Evaluate one checkpoint into a child run of ``parent`` (skipped if already done)."""
     state = _read_state(ckpt)
     _check_dataset(parent, ckpt, state)
-    client = _client(parent.tracking_uri)
-    cid, why = _claim(client, parent, step, ckpt)
+    client = tracking.client(parent.tracking_uri)
+    cid, why = tracking.claim_eval(
+        client, parent.experiment_id, parent.run_id, parent.name, step, ckpt
+    )
     if cid is None:
         return Outcome(step, why)
     try:
@@ -586,7 +435,11 @@ def evaluate_checkpoint(
         params = {f"eval.{k}": v for k, v in dataclasses.asdict(settings).items()}
         params["eval.reference"] = reference_name or "-"
         params["eval.model_dir"] = str(model_dir)
-        _log_child(client, cid, step, metrics, params, samples)
+        texts = {
+            "samples/samples.txt": _samples_text(samples),
+            "samples/samples.jsonl": "\n".join(json.dumps(s) for s in samples) + "\n",
+        }
+        tracking.finish_eval(client, cid, step, metrics, params, texts)
         return Outcome(step, "evaluated", cid, metrics)
     except BaseException as e:
         with contextlib.suppress(Exception):
@@ -638,7 +491,7 @@ def evaluate_run(
     """Evaluate ``checkpoint`` ("latest", "all", or a checkpoint folder of the run's own
     folder) of a training run."""
     settings = settings or EvalSettings()
-    uri = tracking_uri or tracking_uri_for()
+    uri = tracking_uri or tracking.default_tracking_uri()
     roots = storage_roots
     if isinstance(run, RunRef):
         parent = run
@@ -692,13 +545,13 @@ def watch(
     the run is no longer RUNNING and nothing is left. Safe to restart (evaluated steps are
     skipped) and to run beside training (one CPU thread while training runs)."""
     settings = settings or EvalSettings()
-    uri = tracking_uri or tracking_uri_for()
+    uri = tracking_uri or tracking.default_tracking_uri()
     roots = storage_roots
     if isinstance(run, RunRef):  # built by the training driver from its own recipe
         parent = run
     else:
         parent = resolve_run(run, uri, wait_params_s=120, experiment=experiment, roots=roots)
-    client = _client(uri)
+    client = tracking.client(uri)
     done: set[int] = set()
     attempts: dict[int, int] = {}
     outcomes: list[Outcome] = []
@@ -712,7 +565,7 @@ def watch(
         training = status == "RUNNING"
         torch.set_num_threads(1 if training else threads)
         try:
-            done |= evaluated_steps(parent)
+            done |= tracking.evaluated_steps(client, parent.experiment_id, parent.run_id)
         except Exception as e:
             log.warning("MLflow: cannot list evaluations (%s); retrying", type(e).__name__)
             time.sleep(poll_s)
@@ -751,7 +604,7 @@ def watch(
             time.sleep(poll_s)  # nothing new, or only steps another evaluator holds
 
 
-# ---- automatic evaluation (started by the training driver) -----------------------------------
+# ---- automatic evaluation (beside a training run; the job layer wires it) --------------------
 class AutoEval:
     """The watcher of one training run, as a Ray task (0 CPUs: it never delays training)."""
 
@@ -794,35 +647,29 @@ def _watch_task(
     )
 
 
-def start_auto_eval(recipe: Any, run_dir: str, tracking_uri: str, run_id: str) -> AutoEval:
-    """Start the watcher of a training run (``eval.auto``); the driver waits for it at the end."""
+def start_auto_eval(run: Started) -> AutoEval | None:
+    """``eval.auto``: the watcher of a training run as a Ray task, with the workers' environment
+    (credentials reach it only there, never its arguments). The job layer hands this to
+    ``bitlm.train.run`` as ``on_start``; the driver waits for it at the end."""
+    recipe = run.recipe
+    if not recipe.eval.auto:
+        return None
     import ray
 
-    from ..tracking import split_credentials
-
-    client = _client(tracking_uri)
-    run = client.get_run(run_id)
-    clean_uri, user, password = split_credentials(tracking_uri)
+    info = tracking.client(run.tracking_uri).get_run(run.mlflow_run_id).info
     ref = RunRef(
-        run_id=run_id,
+        run_id=run.mlflow_run_id,
         name=recipe.name,
-        experiment_id=run.info.experiment_id,
-        run_dir=run_dir,
+        experiment_id=info.experiment_id,
+        run_dir=run.run_dir,
         data_path=recipe.data.path,
         split=recipe.data.eval_split or "val",
         train_split=recipe.data.split,
-        tracking_uri=clean_uri,  # task arguments hold no credentials
+        tracking_uri=tracking.split_credentials(run.tracking_uri)[0],
     )
-    from ..train.launch import _FORWARD_ENV
-
-    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
-    if user:
-        env.setdefault("MLFLOW_TRACKING_USERNAME", user)
-    if password:
-        env.setdefault("MLFLOW_TRACKING_PASSWORD", password)
     task = ray.remote(num_cpus=0, max_retries=0)(_watch_task)
-    if env:  # credentials reach the task only through its environment (never logged)
-        task = task.options(runtime_env={"env_vars": env})
+    if run.env:
+        task = task.options(runtime_env={"env_vars": run.env})
     return AutoEval(
         task.remote(
             dataclasses.asdict(ref),

@@ -3,6 +3,11 @@
 One run identity: ``recipe.name`` is the Ray Train run name, the checkpoint folder
 ``<storage_path>/<name>`` and the MLflow run name. Relaunching with the same name resumes from
 the latest checkpoint (Ray Train V2 finds the run folder).
+
+Training never imports evaluation: what runs beside a run (automatic evaluation) is a companion
+the job layer hands to ``run`` as ``on_start`` (jobs/pretrain.py: bitlm.eval's
+``start_auto_eval``); the driver starts it once the MLflow run exists, cancels it when training
+fails and waits for it after the final status.
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from ..checkpoint import latest_complete
 from ..tracking import (
+    client,
     default_tracking_uri,
     describe_changes,
     find_or_create_run,
@@ -30,7 +38,7 @@ from .worker import FATAL_FILE, RunInfo, train_worker
 
 log = logging.getLogger("bitlm.train")
 
-__all__ = ["RunResult", "TrainingAborted", "run"]
+__all__ = ["Companion", "RunResult", "Started", "TrainingAborted", "run"]
 
 # Environment forwarded to the workers through Ray's runtime_env (values never logged, never
 # in task arguments: the storage filesystem and the tracking URI carry no credentials).
@@ -55,6 +63,25 @@ _FORWARD_ENV = (
 
 class TrainingAborted(RuntimeError):
     """A non-retryable stop (NaN/inf loss, loss spike, changed data): see the message."""
+
+
+@dataclass(frozen=True)
+class Started:
+    """A training run as the driver started it: what a companion of the run needs."""
+
+    recipe: TrainRecipe
+    run_dir: str  # <storage_path>/<name>
+    tracking_uri: str  # as the driver uses it (credentials may be inside: never log it)
+    mlflow_run_id: str
+    env: dict[str, str]  # the workers' runtime_env variables (credentials: never log them)
+
+
+class Companion(Protocol):
+    """What runs beside a training run (automatic evaluation)."""
+
+    def cancel(self) -> None: ...
+
+    def wait(self) -> object: ...
 
 
 @dataclass
@@ -98,9 +125,12 @@ def _read_fatal(recipe: TrainRecipe, name: str, remove: bool = False) -> dict | 
     return d
 
 
-def run(recipe: TrainRecipe) -> RunResult:
-    """Train (or resume) the run ``recipe.name``. Raises TrainingAborted on a non-retryable
-    stop, ray.train's TrainingFailedError when the failure budget is spent."""
+def run(
+    recipe: TrainRecipe, on_start: Callable[[Started], Companion | None] | None = None
+) -> RunResult:
+    """Train (or resume) the run ``recipe.name``, with ``on_start``'s companion beside it.
+    Raises TrainingAborted on a non-retryable stop, ray.train's TrainingFailedError when the
+    failure budget is spent."""
     if not recipe.name:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
         recipe = replace(recipe, name=f"pretrain-{stamp}-{uuid.uuid4().hex[:6]}")
@@ -166,19 +196,19 @@ def run(recipe: TrainRecipe) -> RunResult:
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
-    auto_eval = _start_auto_eval(recipe, run_dir, tracking_uri, run_id)
+    companion = _start_companion(on_start, recipe, run_dir, tracking_uri, run_id, env)
     try:
         result = trainer.fit()
     except BaseException as e:
         if run_id:
             set_final_status(tracking_uri, run_id, ok=False, error=f"{type(e).__name__}: {e}")
-        if auto_eval is not None:
-            auto_eval.cancel()
+        if companion is not None:
+            companion.cancel()
         raise
     fatal = _read_fatal(recipe, name)
     if fatal is not None:
-        if auto_eval is not None:
-            auto_eval.cancel()
+        if companion is not None:
+            companion.cancel()
         if run_id or tracking_uri:
             rid = run_id or _lookup(tracking_uri, recipe, name)
             if rid:
@@ -188,9 +218,9 @@ def run(recipe: TrainRecipe) -> RunResult:
         run_id = _lookup(tracking_uri, recipe, name)
     if run_id:
         set_final_status(tracking_uri, run_id, ok=True)
-    if auto_eval is not None:
+    if companion is not None:
         log.info("run %s: waiting for the automatic evaluation of its checkpoints", name)
-        auto_eval.wait()
+        companion.wait()
     ckpt = latest_complete(run_dir) if result.checkpoint is not None else None
     return RunResult(name, run_dir, ckpt, run_id, tracking_uri)
 
@@ -214,9 +244,7 @@ def _start_tracking(recipe: TrainRecipe, man: Manifest) -> tuple[str | None, str
         log.warning("MLflow unreachable at start (%s); rank 0 will retry", type(e).__name__)
         return tracking_uri, None, False
     try:
-        from mlflow.tracking import MlflowClient
-
-        changed = sync_params(MlflowClient(tracking_uri), run_id, recipe.flat_params())
+        changed = sync_params(client(tracking_uri), run_id, recipe.flat_params())
     except Exception as e:
         log.warning("MLflow: params not logged at start (%s); rank 0 will retry", type(e).__name__)
         return tracking_uri, run_id, False
@@ -230,14 +258,26 @@ def _start_tracking(recipe: TrainRecipe, man: Manifest) -> tuple[str | None, str
     return tracking_uri, run_id, True
 
 
-def _start_auto_eval(recipe: TrainRecipe, run_dir: str, tracking_uri, run_id):
-    """eval.auto: the checkpoint watcher of bitlm.eval as a Ray task (None when off)."""
-    if not (recipe.eval.auto and tracking_uri and run_id):
+def _start_companion(
+    on_start: Callable[[Started], Companion | None] | None,
+    recipe: TrainRecipe,
+    run_dir: str,
+    tracking_uri: str | None,
+    run_id: str | None,
+    env: dict[str, str],
+) -> Companion | None:
+    """``on_start``'s companion once the MLflow run exists (it needs one); never fatal."""
+    if on_start is None:
+        if recipe.eval.auto:
+            log.warning(
+                "eval.auto is set but nothing evaluates this launch (bitlm.train.run without "
+                "on_start; jobs/pretrain.py wires it): no automatic evaluation"
+            )
+        return None
+    if not (tracking_uri and run_id):
         return None
     try:
-        from ..eval.evaluate import start_auto_eval
-
-        return start_auto_eval(recipe, run_dir, tracking_uri, run_id)
+        return on_start(Started(recipe, run_dir, tracking_uri, run_id, dict(env)))
     except Exception as e:
         log.warning("automatic evaluation not started: %s: %s", type(e).__name__, e)
         return None

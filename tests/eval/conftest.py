@@ -78,11 +78,13 @@ def make_reference(data: str, out: Path) -> str:
 
 @pytest.fixture(scope="session")
 def trained(ray_local, eval_store, eval_data, tmp_path_factory) -> Trained:
-    """A 4-step run checkpointing at steps 2 and 4 with eval.auto on: the driver starts the
-    watcher and waits for it, so its evaluations exist when training returns."""
+    """A 4-step run checkpointing at steps 2 and 4 with eval.auto on, wired as jobs/pretrain.py
+    wires it: the driver starts the watcher and waits for it, so its evaluations exist when
+    training returns."""
     from mlflow.tracking import MlflowClient
 
     from bitlm.checkpoint import list_complete
+    from bitlm.eval.evaluate import start_auto_eval
     from bitlm.train import load_train_recipe, run
 
     base = tmp_path_factory.mktemp("eval")
@@ -103,7 +105,7 @@ def trained(ray_local, eval_store, eval_data, tmp_path_factory) -> Trained:
         ],
         "auto",
     )
-    res = run(recipe)
+    res = run(recipe, on_start=start_auto_eval)
     run_ = MlflowClient(eval_store).get_run(res.mlflow_run_id)
     yield Trained(
         uri=eval_store,

@@ -1,15 +1,17 @@
-"""Credentials never travel inside Ray task specs (issue 12.5): everything the driver hands to
-Ray (the trainer's arguments, its pickled storage filesystem, the watcher task's arguments) is
-serialised as Ray would (cloudpickle) and searched for the secrets of the environment; they
-may only be in runtime_env's env_vars. Ray itself is faked: no cluster is started."""
+"""Credentials never travel inside Ray task specs (issue 12.5): everything jobs/pretrain.py's
+driver hands to Ray (the trainer's arguments, its pickled storage filesystem, the watcher task
+the job wires beside the run) is serialised as Ray would (cloudpickle) and searched for the
+secrets of the environment; they may only be in runtime_env's env_vars. Ray itself is faked: no
+cluster is started."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import uuid
 
 import pytest
-from helpers import TINY
+from helpers import ROOT, TINY
 
 
 class _Captured(Exception):
@@ -31,7 +33,7 @@ def test_no_secret_in_what_the_driver_hands_to_ray(tiny_data, tmp_path, mlflow_s
     import ray.cloudpickle as cloudpickle
     import ray.train.torch
 
-    from bitlm.train import load_train_recipe, run
+    from bitlm.train import load_train_recipe
     from bitlm.train.launch import _storage
 
     secrets = _secrets()
@@ -75,14 +77,14 @@ def test_no_secret_in_what_the_driver_hands_to_ray(tiny_data, tmp_path, mlflow_s
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "remote", fake_remote)
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
-    recipe = load_train_recipe(
-        None,
-        [*TINY, f"data.path={tiny_data}", f"storage_path={tmp_path / 'runs'}", "eval.auto=true"],
-        "specs",
-    )
+    sets = [*TINY, f"data.path={tiny_data}", f"storage_path={tmp_path / 'runs'}", "eval.auto=true"]
+    spec = importlib.util.spec_from_file_location("pretrain_job", ROOT / "jobs" / "pretrain.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    argv = ["--config", str(ROOT / "recipes/pretrain/cpu-tiny.yaml"), "--name", "specs"]
     with pytest.raises(_Captured):
-        run(recipe)
-    assert {"trainer", "watcher args"} <= set(specs), "the driver reached neither Ray call"
+        job.main([*argv, *(x for s in sets for x in ("--set", s))])
+    assert {"trainer", "watcher args"} <= set(specs), "the job reached neither Ray call"
 
     s3 = load_train_recipe(None, [*TINY, f"data.path={tiny_data}", "storage_path=s3://b/runs"])
     _, fs, _ = _storage(s3)  # pickled into the trainer's arguments for S3 storage

@@ -42,7 +42,7 @@ def _warnings(caplog) -> list[str]:
 def test_permanent_failures_are_dropped_with_one_warning(server, caplog):
     from mlflow.tracking import MlflowClient
 
-    caplog.set_level(logging.WARNING, logger="bitlm.train")
+    caplog.set_level(logging.WARNING, logger="bitlm.tracking")
     c = MlflowClient(server.uri)
     run_id = _new_run(server.uri)
     c.log_param(run_id, "optim.lr", "0.003")
@@ -77,7 +77,7 @@ def test_permanent_failures_are_dropped_with_one_warning(server, caplog):
 
 
 def test_an_outage_is_retried_until_the_server_returns(server, caplog):
-    caplog.set_level(logging.WARNING, logger="bitlm.train")
+    caplog.set_level(logging.WARNING, logger="bitlm.tracking")
     run_id = _new_run(server.uri)
     lg = _logger(server.uri, run_id)
     lg.log_metrics({"m": 1.0}, 1)
