@@ -141,6 +141,10 @@ class TrainRecipe:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # How Ray places the workers (ScalingConfig.placement_strategy): PACK fills a node first,
+    # SPREAD puts them on different nodes when it can (one node lost costs fewer workers),
+    # STRICT_SPREAD always (a relaunch waits until that many nodes have room).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"
     zero_stage: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 0  # model init and the per-step noise of the objective

@@ -155,15 +155,18 @@ def run(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
     if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS (a cluster, `ray job submit`) or starts a local Ray
+        # Joins RAY_ADDRESS (a cluster, `ray job submit`) or starts a local Ray. The job's
+        # runtime_env takes the environment to every process, Train's controller included:
+        # it opens the storage on the driver's node, whose own environment may lack the keys.
+        ray.init(runtime_env={"env_vars": env} if env else None)
 
     storage_path, storage_fs, root = _storage(recipe)
     run_dir = f"{root}/{name}"
     _read_fatal(recipe, name, remove=True)
 
     tracking_uri, run_id, synced = _start_tracking(recipe, man)
-    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
     worker_uri = None
     if tracking_uri:  # credentials in the URI move to the workers' environment (runtime_env)
         worker_uri, user, password = split_credentials(tracking_uri)
@@ -186,6 +189,7 @@ def run(
             use_gpu=recipe.use_gpu,
             resources_per_worker={"CPU": recipe.cpus_per_worker}
             | ({"GPU": 1} if recipe.use_gpu else {}),
+            placement_strategy=recipe.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,

@@ -1,5 +1,5 @@
-"""Fixtures for the pipeline tests: a small mixed-format corpus built in tmp, recipes over it,
-and a moto S3 server on 127.0.0.1."""
+"""Fixtures for the pipeline tests: a small mixed-format corpus built in tmp and recipes over it
+(the moto S3 server is tests/conftest.py's)."""
 
 from __future__ import annotations
 
@@ -182,27 +182,6 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
-
-
-@pytest.fixture(scope="session")
-def moto_server():
-    """A real S3-protocol server (moto) on 127.0.0.1, free port; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    return moto_server
 
 
 @pytest.fixture
