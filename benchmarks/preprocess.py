@@ -18,12 +18,17 @@ every run (``tokenizer.path``), so the pipeline and the baseline do the same tok
 
 Each measurement runs in its own subprocess. JSON on stdout (and ``--out``).
 
-    python benchmarks/preprocess.py [--mb 50] [--cpus 1 2] [--near-dedup both|off] [--out f.json]
+    python benchmarks/preprocess.py [--mb 50] [--cpus 1 2] [--near-dedup both|off]
+        [--repeat N] [--out f.json]
 
-``--driver-docs N`` measures instead the driver's dedup resolution (``pipeline.driver._resolve``)
-over synthetic index files of N distinct documents (random hashes and band keys, 100 files), with
-near_dedup off and on: as this run's documents, and as earlier runs' (an incremental run of one
-new file replays them all). Peak RSS growth of a fresh subprocess and seconds, per document.
+``--repeat N`` runs every kind N times, interleaved (the order flips each repeat), and reports
+the best run of each kind beside all of them: on a shared machine the best run is the least
+disturbed one, and the spread says how noisy the machine was.
+
+``--driver-docs N [N ...]`` measures instead the driver of a real run (local Ray, 2 CPUs) over
+N synthetic one-line documents (~80 bytes, 10k a file), near_dedup off and on, then of an
+incremental run of one more file over that dataset: peak RSS growth of the driver process per
+document of the dataset, seconds per document, the dedup phase and the state's size on disk.
 """
 
 from __future__ import annotations
@@ -167,68 +172,88 @@ def minhash_costs(texts: list[str]) -> dict:
     }
 
 
-def synthetic_index(root: Path, docs: int, near: bool, files: int = 100) -> list[dict]:
-    """Index files of ``docs`` distinct documents as the scan pass writes them; their records."""
+def synthetic_corpus(root: Path, docs: int, per_file: int = 10_000, tag: str = "w") -> None:
+    """``docs`` distinct one-line documents of 12 random words (~80 bytes), ``per_file`` a file."""
     import numpy as np
-    import pyarrow.parquet as pq
 
-    from pipeline.units import index_table
-
-    rng = np.random.default_rng(0)
-    per = max(1, docs // files)
-    recs = []
-    for i in range(files):
-        batch = {
-            "index": list(range(per)),
-            "reason": [None] * per,
-            "hash": [rng.bytes(16) for _ in range(per)],
-            "bands": rng.integers(0, 2**63, size=(per, 9), dtype=np.int64).tolist(),
-        }
-        path, index = f"/corpus/f{i:04d}.jsonl", f"index/u{i:04d}.parquet"
-        (root / "index").mkdir(parents=True, exist_ok=True)
-        pq.write_table(index_table(path, batch, near), root / index)
-        recs.append({"path": path, "index": index})
-    return recs
+    rng = np.random.default_rng(len(tag))
+    vocab = np.array([f"{tag}{i}" for i in range(50_000)])
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(0, docs, per_file):
+        n = min(per_file, docs - i)
+        words = vocab[rng.integers(0, vocab.size, size=(n, 12))]
+        lines = "".join(f"{i + j} " + " ".join(w) + "\n" for j, w in enumerate(words))
+        (root / f"{tag}{i // per_file:06d}.txt").write_text(lines)
 
 
-def run_resolve(args: argparse.Namespace) -> dict:
+def run_driver(args: argparse.Namespace) -> dict:
+    """The driver of a real run over the synthetic corpus (``--files-dir``) on a local Ray of 2
+    CPUs: peak RSS growth of this process (the driver) and the phase timings; then the same for
+    an incremental run of one new file over that dataset."""
     import resource
 
-    from pipeline.driver import _resolve
-    from pipeline.storage import Storage
+    import ray
 
-    near = args.worker == "resolve-near"
-    root = Path(args.files_dir)
-    recs = json.loads((root / "records.json").read_text())
-    _resolve(Storage(), str(root), [], recs[:1], near)  # warm-up: imports, first read
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    prior, new = (recs[:-1], recs[-1:]) if args.prior else ([], recs)
-    out = _resolve(Storage(), str(root), prior, new, near)
-    secs = time.perf_counter() - t0
-    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-    assert sum(r["kept"] for r in out.values()) == sum(r["docs"] for r in out.values())
-    return {"seconds": secs, "peak_rss_growth_bytes": grew}
+    from bitlm.recipe import from_dict
+    from pipeline import run_preprocess
+    from pipeline.config import PreprocessConfig
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    corpus = Path(args.files_dir)
+    out = tempfile.mkdtemp()
+    recipe = {
+        "name": "bench",
+        "inputs": [{"path": str(corpus), "glob": "*.txt", "text_unit": "line"}],
+        "output": out,
+        "tokenizer": {"vocab_size": 4096, "sample_bytes": 1_000_000},
+        "near_dedup": {"enabled": args.worker == "driver-near"},
+        "unit_bytes": 16 << 20,
+        "progress": False,
+    }
+    res = {}
+    for mode in ("first_run", "incremental_run"):
+        if mode == "incremental_run":
+            synthetic_corpus(corpus, 10_000, tag="x")
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        s = run_preprocess(from_dict(PreprocessConfig, recipe))
+        secs = time.perf_counter() - t0
+        grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+        state = sum(p.stat().st_size for p in (Path(out) / "dedup").rglob("*.parquet"))
+        res[mode] = {
+            "docs": s["run"]["docs"],
+            "dataset_docs": s["totals"]["docs"],
+            "seconds": secs,
+            "phases": s["timings"],
+            "driver_peak_rss_growth_bytes": grew,
+            "dedup_state_bytes": state,
+        }
+    ray.shutdown()
+    return res
 
 
-def driver_memory(docs: int) -> dict:
-    result: dict = {"benchmark": "dedup resolution in the driver", "docs": docs, "runs": {}}
-    for near in (False, True):
-        with tempfile.TemporaryDirectory() as tmp:
-            recs = synthetic_index(Path(tmp), docs, near)
-            (Path(tmp) / "records.json").write_text(json.dumps(recs))
-            kind = "resolve-near" if near else "resolve"
-            for mode in ("this_run", "earlier_runs"):
+def driver_memory(sizes: list[int]) -> dict:
+    """``run_driver`` at each corpus size, near_dedup off and on, each in a fresh process."""
+    result: dict = {"benchmark": "driver of a real run (local Ray, 2 CPUs)", "runs": {}}
+    for n in sizes:
+        for kind in ("driver", "driver-near"):
+            with tempfile.TemporaryDirectory() as tmp:
+                synthetic_corpus(Path(tmp), n)
                 cmd = [sys.executable, __file__, "--worker", kind, "--files-dir", tmp]
-                cmd += ["--prior"] if mode == "earlier_runs" else []
                 r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=3000)
-                if r.returncode != 0:
-                    raise RuntimeError(f"{kind} failed:\n{r.stderr[-4000:]}")
-                m = json.loads(r.stdout.strip().splitlines()[-1])
-                m["bytes_per_doc"] = m["peak_rss_growth_bytes"] / docs
-                m["us_per_doc"] = m["seconds"] / docs * 1e6
-                result["runs"][f"near_dedup_{'on' if near else 'off'}/{mode}"] = m
-                print(kind, mode, json.dumps(m), file=sys.stderr)
+            if r.returncode != 0:
+                raise RuntimeError(f"{kind} failed:\n{r.stderr[-4000:]}")
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            for v in m.values():
+                v["driver_bytes_per_dataset_doc"] = (
+                    v["driver_peak_rss_growth_bytes"] / v["dataset_docs"]
+                )
+                v["us_per_doc"] = v["seconds"] / v["docs"] * 1e6
+                v["dedup_us_per_doc"] = v["phases"]["dedup"] / v["docs"] * 1e6
+                v["state_bytes_per_dataset_doc"] = v["dedup_state_bytes"] / v["dataset_docs"]
+            key = f"{n}/near_dedup_{'on' if kind == 'driver-near' else 'off'}"
+            result["runs"][key] = m
+            print(key, json.dumps(m), file=sys.stderr)
     return result
 
 
@@ -250,16 +275,16 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--near-dedup", choices=["both", "off"], default="both")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--driver-docs", type=int, default=None)
-    ap.add_argument("--prior", action="store_true")
-    workers = ["pipeline", "pipeline-near", "raw", "resolve", "resolve-near"]
+    ap.add_argument("--driver-docs", type=int, nargs="+", default=None)
+    ap.add_argument("--repeat", type=int, default=1)
+    workers = ["pipeline", "pipeline-near", "raw", "driver", "driver-near"]
     ap.add_argument("--worker", choices=workers, default=None)
     ap.add_argument("--files-dir", default=None)
     ap.add_argument("--tokenizer", default=None)
     a = ap.parse_args()
     if a.worker:
-        if a.worker.startswith("resolve"):
-            res = run_resolve(a)
+        if a.worker.startswith("driver"):
+            res = run_driver(a)
         else:
             res = run_raw(a) if a.worker == "raw" else run_pipeline(a)
         print(json.dumps(res))
@@ -304,25 +329,49 @@ def main() -> None:
         }
         if a.near_dedup == "both":
             result["minhash_1cpu"] = minhash_costs(texts)
+        # repeats interleave the kinds (the machine is shared): each pair of runs at one
+        # CPU count ran back to back; the ratios use the best (least disturbed) run of each kind
+        kinds = ["pipeline", "raw"] + (["pipeline-near"] if a.near_dedup == "both" else [])
+        got: dict[str, dict[str, list[dict]]] = {str(n): {k: [] for k in kinds} for n in a.cpus}
+        for rep in range(a.repeat):
+            for n in a.cpus:
+                for k in kinds if rep % 2 == 0 else kinds[::-1]:
+                    got[str(n)][k].append(sub(k, n, str(src), str(tok_path)))
+                print(f"repeat {rep} cpus={n}: {json.dumps(got[str(n)])}", file=sys.stderr)
+        best = lambda rs: min(rs, key=lambda r: r["seconds"])
         for n in a.cpus:
-            pipe = sub("pipeline", n, str(src), str(tok_path))
-            raw = sub("raw", n, str(src), str(tok_path))
+            g = got[str(n)]
+            pipe, raw = best(g["pipeline"]), best(g["raw"])
             result["runs"][str(n)] = {
                 "pipeline": pipe,
                 "raw_tokenizers": raw,
                 "ratio_mb_per_s": pipe["mb_per_s"] / raw["mb_per_s"],
                 "ratio_tokens_per_s": pipe["tokens_per_s"] / raw["tokens_per_s"],
+                "pipeline_seconds_all": [r["seconds"] for r in g["pipeline"]],
+                "raw_seconds_all": [r["seconds"] for r in g["raw"]],
+                "ratio_per_repeat": [
+                    r["seconds"] / p["seconds"]
+                    for p, r in zip(g["pipeline"], g["raw"], strict=True)
+                ],
             }
             if a.near_dedup == "both":
-                near = sub("pipeline-near", n, str(src), str(tok_path))
+                near = best(g["pipeline-near"])
                 result["runs"][str(n)]["near_dedup"] = {
                     "pipeline": near,
+                    "near_seconds_all": [r["seconds"] for r in g["pipeline-near"]],
                     "slowdown": near["seconds"] / pipe["seconds"],
                     "extra_seconds": near["seconds"] - pipe["seconds"],
                     "extra_scan_seconds": near["phases"]["scan"] - pipe["phases"]["scan"],
                     "ratio_mb_per_s": near["mb_per_s"] / raw["mb_per_s"],
                 }
-            print(f"cpus={n}: {json.dumps(result['runs'][str(n)])}", file=sys.stderr)
+        if len(a.cpus) > 1:
+            lo, hi = str(min(a.cpus)), str(max(a.cpus))
+            sec = lambda n, k: result["runs"][n][k]["seconds"]
+            result["scaling"] = {
+                "cpus": [int(lo), int(hi)],
+                "pipeline": sec(lo, "pipeline") / sec(hi, "pipeline"),
+                "raw_tokenizers": sec(lo, "raw_tokenizers") / sec(hi, "raw_tokenizers"),
+            }
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

@@ -1,23 +1,22 @@
-"""The driver: plans units, runs them as Ray Data tasks, resolves duplicates, commits the manifest.
+"""The driver: plans units, runs them as Ray tasks, commits the manifest.
 
 Order of a run (each step resumable; the manifest is the commit point, written last):
 1. list inputs (sorted); inputs already in the manifest are done: nothing new -> no work.
 2. tokenizer + code table: kept from the dataset, or built once (first run) and marked.
 3. plan units: the new files in sorted order, grouped into units of about ``unit_bytes``.
-4. scan pass (Ray Data): one index file per unit (path, position, hash, drop reason of every
-   document).
-5. dedup (driver): replay every index file in commit order (earlier runs, then the new files in
-   sorted order); the first occurrence of a hash wins; with near_dedup, a document sharing an
-   LSH band key with an earlier one is a near duplicate (``pipeline.neardedup``).
-6. encode pass (Ray Data): shards per unit, skipping units whose marker matches the plan.
-7. manifest (temp + rename / one PUT), then remove ``_work/``.
+4. scan pass: the only read of each input; per unit the index file (path, position, hash, drop
+   reason of every document), the staged code words and the dedup keys (``pipeline.units``).
+5. dedup pass: one task per part (a range of key prefixes) against the dataset's sharded state
+   (``pipeline.dedup``); the driver holds no key.
+6. encode pass: packs each unit's staged documents less its (near) duplicates into shards,
+   skipping units whose marker matches the plan.
+7. manifest (temp + rename / one PUT), then remove ``_work/`` and uncommitted state files.
 
 No document and no file aborts a run: bad content is a counted drop (readers/steps), and a file
-that cannot be read (or changed under the run, or has a name that is not UTF-8) is *skipped*:
-left out of the manifest, so the next run tries it again, and named in the summary and in the
-run's record (``runs[-1].skipped``). A file skipped during the encode pass is taken out of the
-plan and dedup is resolved again without it, so the kept documents are exactly those a run
-without that file would keep (units whose plan changed are encoded again).
+that cannot be read (or has a name that is not UTF-8) is *skipped*: left out of the manifest, so
+the next run tries it again, and named in the summary and in the run's record
+(``runs[-1].skipped``). A file is read once, so one that changes or vanishes after the scan is
+kept as it was read.
 """
 
 from __future__ import annotations
@@ -36,10 +35,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import CONTENT_KEYS, InputSpec, PreprocessConfig
-from pipeline.neardedup import near_duplicates, signature_scheme
+from pipeline.dedup import PREFIX_BITS
+from pipeline.neardedup import signature_scheme
 from pipeline.readers import InputUnreadable
 from pipeline.steps import alive, run_steps, scan_steps
 from pipeline.storage import (
@@ -52,7 +53,7 @@ from pipeline.storage import (
     without_credentials,
 )
 from pipeline.tokenizer import build_code_table, eod_id_of, sample_order, train_bpe
-from pipeline.units import codeword_dtype, index_bands, index_rows, read_input, run_task
+from pipeline.units import codeword_dtype, index_bands, index_rows, read_input, run_spec
 
 __all__ = ["FORMAT_VERSION", "PreprocessError", "read_manifest", "run_preprocess", "storage_for"]
 
@@ -173,20 +174,35 @@ def _plan_units(files: list[dict[str, Any]], unit_bytes: int) -> list[list[dict[
 def _sample_texts(
     storage: Storage, cfg: PreprocessConfig, files: list[dict[str, Any]]
 ) -> list[str]:
+    """Documents that pass the filters, files in ``sample_order``, until ``sample_bytes`` of
+    text. A file is read only as far as the sample needs: up to 4x the bytes still missing
+    (at least 1 MiB), more only when that was not enough, so a large file costs about the
+    sample, not its size."""
     by_path = {f["path"]: f for f in files}
     out: list[str] = []
     total = 0
     flt = cfg.filters
+    limits = asdict(cfg.limits)
     for p in sample_order(list(by_path)):
-        f = by_path[p]
-        try:
-            batch = read_input(storage, f, asdict(cfg.limits))
-        except InputUnreadable:
-            continue  # the scan pass reports it
-        batch = run_steps(scan_steps(flt.max_control_fraction, flt.min_chars, flt.max_chars), batch)
-        for i in alive(batch):
-            out.append(batch["text"][i])
-            total += len(batch["text"][i])
+        need = cfg.tokenizer.sample_bytes - total
+        cap = min(limits["max_file_bytes"], max(4 * need, 1 << 20))
+        texts: list[str] = []
+        while True:
+            try:
+                batch = read_input(storage, by_path[p], {**limits, "max_file_bytes": cap})
+            except InputUnreadable:
+                texts = []
+                break  # the scan pass reports it
+            steps = scan_steps(flt.max_control_fraction, flt.min_chars, flt.max_chars)
+            batch = run_steps(steps, batch)
+            texts = [batch["text"][i] for i in alive(batch)]
+            cut = "file_too_large" in batch["reason"] and cap < limits["max_file_bytes"]
+            if not cut or sum(map(len, texts)) >= need:
+                break
+            cap = min(limits["max_file_bytes"], 4 * cap)
+        for t in texts:
+            out.append(t)
+            total += len(t)
             if total >= cfg.tokenizer.sample_bytes:
                 return out
     return out
@@ -311,26 +327,24 @@ def _ray_map(
     desc: str,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs unit specs as Ray Data tasks (one block, one task each); results as they finish."""
+    """Runs specs as Ray tasks (one each, ``cpus_per_task`` CPUs, retried when a worker dies);
+    results as they finish."""
     import ray
     from tqdm import tqdm
 
     if not specs:
         return []
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
-    ctx.enable_operator_progress_bars = cfg.progress
-    ctx.print_on_execution_start = False
-    ds = ray.data.from_items(
-        [{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs)
-    )
     env = credential_env()  # S3 credentials reach the tasks through runtime_env only
-    remote = {"runtime_env": {"env_vars": env}} if env else {}
-    ds = ds.map_batches(run_task, batch_size=1, num_cpus=cfg.ray.cpus_per_task, **remote)
+    opts: dict[str, Any] = {"num_cpus": cfg.ray.cpus_per_task, "max_retries": 3}
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
+    task = ray.remote(run_spec).options(**opts)
+    pending = [task.remote(json.dumps(s)) for s in specs]
     out = []
-    with tqdm(total=len(specs), desc=desc, unit="unit", disable=not cfg.progress) as bar:
-        for row in ds.iter_rows():
-            r = json.loads(row["result"])
+    with tqdm(total=len(specs), desc=desc, unit="task", disable=not cfg.progress) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            r = json.loads(ray.get(ready[0]))
             out.append(r)
             bar.update(1)
             if on_result is not None:
@@ -378,67 +392,24 @@ class IndexReader:
 def _unindexed(storage: Storage, root: str, new: list[dict[str, Any]]) -> list[str]:
     """New files without a row in their unit's index: the scan could not read them (every file
     that was read has at least one row, an empty one an ``empty`` row)."""
-    reader = IndexReader(storage, root)
-    return [f["path"] for f in new if not reader.rows(f["index"], f["path"])[0]]
+    paths: dict[str, set[str]] = {}
+    for index in dict.fromkeys(f["index"] for f in new):
+        data = storage.read_bytes(f"{root}/{index}")
+        col = pq.read_table(pa.BufferReader(data), columns=["path"]).column("path")
+        paths[index] = set(pc.unique(col).to_pylist())
+    return [f["path"] for f in new if f["path"] not in paths[f["index"]]]
 
 
-def _resolve(
-    storage: Storage,
-    root: str,
-    prior: list[dict[str, Any]],
-    new: list[dict[str, Any]],
-    near: bool = False,
-) -> dict[str, dict[str, Any]]:
-    """Per new file: duplicate and near-duplicate positions and counts. First occurrence in
-    commit order wins; with ``near``, a document (not an exact duplicate) sharing an LSH band key
-    with an earlier document is a near duplicate. Earlier runs' band keys are held as one sorted
-    array (8 bytes a key), this run's are resolved with one sort (``near_duplicates``)."""
-    seen: set[bytes] = set()
-    reader = IndexReader(storage, root)
-    earlier: list[np.ndarray] = [np.zeros(0, np.uint64)]
-    for rec in prior:
-        hashes = reader.rows(rec["index"], rec["path"])[1]
-        seen.update(h for h in hashes if h is not None)
-        if near:
-            earlier.append(reader.bands(rec["index"], rec["path"])[0])
-    is_near = np.zeros(0, bool)
-    if near and new:  # band keys of every new document with a hash (an exact copy: none new)
-        prior_keys = np.concatenate(earlier)
-        del earlier[:]
-        prior_keys.sort()
-        keys, lens = zip(*(reader.bands(f["index"], f["path"]) for f in new), strict=True)
-        is_near = near_duplicates(np.concatenate(keys), np.concatenate(lens), prior_keys)
-    out: dict[str, dict[str, Any]] = {}
-    off = 0
-    for f in new:
-        positions, hashes, reasons = reader.rows(f["index"], f["path"])
-        hits = is_near[off : off + len(positions)].tolist() if near else [False] * len(positions)
-        off += len(positions)
-        dups: list[int] = []
-        near_dups: list[int] = []
-        dropped: dict[str, int] = {}
-        for pos, h, r, hit in zip(positions, hashes, reasons, hits, strict=True):
-            if r is not None:
-                dropped[r] = dropped.get(r, 0) + 1
-            elif h in seen:
-                dups.append(pos)
-            else:
-                seen.add(h)
-                if hit:
-                    near_dups.append(pos)
-        if near_dups:
-            dropped["near_duplicate"] = len(near_dups)
-        n = len(positions)
-        kept = n - len(dups) - sum(dropped.values())
-        out[f["path"]] = {
-            "docs": n,
-            "kept": kept,
-            "duplicates": len(dups),
-            "dropped": dict(sorted(dropped.items())),
-            "dups": dups,
-            "near_dups": near_dups,
-        }
-    return out
+def _committed_state(
+    manifest: dict[str, Any] | None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the committed runs' dedup state records, index files to seed the state from): a dataset
+    made before the state existed (no run has one) has its earlier runs' keys seeded once."""
+    runs = (manifest or {}).get("runs", [])
+    committed = [r["dedup"] for r in runs if "dedup" in r]
+    if committed or not runs:
+        return committed, []
+    return [], list(dict.fromkeys(r["index"] for r in manifest["inputs"]))  # type: ignore[index]
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -502,7 +473,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
         "files_skipped": unlisted,
     }
     if not new:
-        _cleanup(storage, root)
+        _cleanup(storage, root, manifest)
         summary.update(work_done=False, seconds=time.perf_counter() - t0)
         summary["message"] = f"nothing to do: all {len(files)} input files are already in {root}"
         _log(summary["message"])
@@ -560,18 +531,42 @@ def _run(
     unit_ids = [_key(*(f["path"] for f in u)) for u in units]
     _log(f"{len(new)} new input files in {len(units)} units")
 
+    for i, f in enumerate(new):
+        f["f"] = i  # place in processing order (dedup keys carry it)
+    new_bytes = sum(f["size"] for f in new)
+    parts = min(1 << PREFIX_BITS, max(1, -(-new_bytes // cfg.ray.dedup_part_bytes)))
     done_index = set(storage.list_names(f"{root}/index"))
+    done_work = set(storage.list_names(f"{root}/_work/docs")) & set(
+        storage.list_names(f"{root}/_work/keys")
+    )
     scan_specs = []
+    unit_work: dict[str, str] = {}
     for uid, u in zip(unit_ids, units, strict=True):
         files_key = (f"{f['path']}\0{f['size']}\0{f['mtime']}" for f in u)
         near_key = [_canon(near).decode()] if near else []
         index = f"index/{_key(run_no, _canon(limits).decode(), *near_key, *files_key)}.parquet"
         for f in u:
             f["index"] = index
-        if index.split("/")[-1] not in done_index:
-            spec = {"kind": "scan", "unit": uid, "index": index, "files": u, "near": near}
-            spec.update(common)
-            scan_specs.append(spec)
+        work = _key(index, codec["tokenizer_hash"], cfg.val_fraction, cfg.rejects, parts)
+        unit_work[uid] = work
+        if index.split("/")[-1] in done_index and f"{work}.parquet" in done_work:
+            continue
+        scan_specs.append(
+            {
+                "kind": "scan",
+                "unit": uid,
+                "index": index,
+                "docs": f"_work/docs/{work}.parquet",
+                "keys": f"_work/keys/{work}.parquet",
+                "parts": parts,
+                "files": u,
+                "near": near,
+                "tokenizer_hash": codec["tokenizer_hash"],
+                "val_fraction": cfg.val_fraction,
+                "rejects": cfg.rejects,
+                **common,
+            }
+        )
     for r in _ray_map(cfg, scan_specs, "scan"):
         for p, why in sorted(r.get("skipped", {}).items()):
             skip(p, why)
@@ -580,91 +575,95 @@ def _run(
     lap("scan")
     _maybe_kill("after_scan")
 
-    prior = (manifest or {}).get("inputs", [])
-    markers: dict[str, dict[str, Any]] = {}
-    resumed = 0
-    dedup_seconds = 0.0
-    # Encode; a file skipped while encoding leaves the plan and dedup is resolved again without it
-    # (each round drops at least one file, so this ends; normally there is one round).
-    for round_no in range(len(new) + 1):
-        active = [f for f in new if f["path"] not in skipped]
-        t_dedup = time.perf_counter()
-        resolved = _resolve(storage, root, prior, active, near is not None)
-        dedup_seconds += time.perf_counter() - t_dedup
-        plan_units = [
-            (uid, [f for f in u if f["path"] not in skipped])
-            for uid, u in zip(unit_ids, units, strict=True)
-        ]
-        plan_units = [(uid, u) for uid, u in plan_units if u]
-        encode_specs: list[dict[str, Any]] = []
-        markers.clear()
-        done_units = set(storage.list_names(f"{root}/_work/units"))
-        for uid, u in plan_units:
-            files = [
-                {
-                    **f,
-                    "dups": resolved[f["path"]]["dups"],
-                    "near_dups": resolved[f["path"]]["near_dups"],
-                    "expect_kept": resolved[f["path"]]["kept"],
-                }
-                for f in u
-            ]
-            plan = _key(
-                _canon({"files": files, "codec": codec, "content": cfg.content(), "limits": limits})
-            )
-            if f"{uid}.json" in done_units:
-                m = json.loads(storage.read_bytes(f"{root}/_work/units/{uid}.json"))
-                if m.get("plan") == plan:
-                    markers[uid] = m
-                    continue
-            encode_specs.append(
-                {
-                    "kind": "encode",
-                    "unit": uid,
-                    "plan": plan,
-                    "files": files,
-                    "tokenizer_hash": codec["tokenizer_hash"],
-                    "eod_id": codec["eod_id"],
-                    "seq_len": cfg.seq_len,
-                    "row_group_rows": cfg.row_group_rows,
-                    "val_fraction": cfg.val_fraction,
-                    "rejects": cfg.rejects,
-                    **common,
-                }
-            )
-        if round_no == 0:
-            resumed = len(markers)
-            if markers:
-                _log(f"{len(markers)} units already encoded by an interrupted run: skipped")
-
-        def got(r: dict[str, Any]) -> None:
-            markers[r["unit"]] = r
-            _maybe_kill("after_unit")
-
-        _ray_map(cfg, encode_specs, "encode", got)
-        late_skips = {
-            p: why for uid, _ in plan_units for p, why in markers[uid].get("skipped", {}).items()
+    # dedup: one resolve task per part (a range of key prefixes), against the dataset's state
+    committed, seed = _committed_state(manifest)
+    keys = [f"_work/keys/{unit_work[uid]}.parquet" for uid in unit_ids]
+    run_id = f"{run_no:06d}-{_key(parts, *keys, _canon(committed).decode(), *seed)}"
+    verdicts = [f"_work/verdicts/{run_id}/{r:05d}.parquet" for r in range(parts)]
+    done_parts = set(storage.list_names(f"{root}/_work/verdicts/{run_id}"))
+    resolve_specs = [
+        {
+            "kind": "resolve",
+            "part": r,
+            "parts": parts,
+            "run_id": run_id,
+            "keys": keys,
+            "committed": committed,
+            "seed": seed,
+            "verdicts": v,
+            **common,
         }
-        if not late_skips:
-            break
-        for p, why in sorted(late_skips.items()):
-            skip(p, why)
+        for r, v in enumerate(verdicts)
+        if v.split("/")[-1] not in done_parts
+    ]
+    _ray_map(cfg, resolve_specs, "dedup")
+    lap("dedup")
+
+    active = [f for f in new if f["path"] not in skipped]
+    plan_units = [
+        (uid, [f for f in u if f["path"] not in skipped])
+        for uid, u in zip(unit_ids, units, strict=True)
+    ]
+    plan_units = [(uid, u) for uid, u in plan_units if u]
+    markers: dict[str, dict[str, Any]] = {}
+    encode_specs: list[dict[str, Any]] = []
+    done_units = set(storage.list_names(f"{root}/_work/units"))
+    for uid, u in plan_units:
+        plan = _key(
+            _canon(
+                {
+                    "files": u,
+                    "codec": codec,
+                    "content": cfg.content(),
+                    "limits": limits,
+                    "dedup": {"id": run_id, "parts": parts},
+                    "rejects": cfg.rejects,
+                }
+            )
+        )
+        if f"{uid}.json" in done_units:
+            m = json.loads(storage.read_bytes(f"{root}/_work/units/{uid}.json"))
+            if m.get("plan") == plan:
+                markers[uid] = m
+                continue
+        encode_specs.append(
+            {
+                "kind": "encode",
+                "unit": uid,
+                "plan": plan,
+                "docs": f"_work/docs/{unit_work[uid]}.parquet",
+                "verdicts": verdicts,
+                "near": near is not None,
+                "vocab_size": codec["vocab_size"],
+                "eod_code": codec["eod_code"],
+                "seq_len": cfg.seq_len,
+                "row_group_rows": cfg.row_group_rows,
+                **common,
+            }
+        )
+    resumed = len(markers)
+    if markers:
+        _log(f"{len(markers)} units already encoded by an interrupted run: skipped")
+
+    def got(r: dict[str, Any]) -> None:
+        markers[r["unit"]] = r
+        _maybe_kill("after_unit")
+
+    _ray_map(cfg, encode_specs, "encode", got)
     for uid in sorted(set(unit_ids) - {uid for uid, _ in plan_units}):
-        for split in ("train", "val"):  # a unit all of whose files were skipped while encoding
+        for split in ("train", "val"):  # a unit none of whose files could be read
             storage.remove_tree(f"{root}/shards/{split}/{uid}-00000.parquet")
     unit_ids = [uid for uid, _ in plan_units]
-    timings["dedup"] = round(dedup_seconds, 3)
     lap("encode")
-    timings["encode"] = round(timings["encode"] - timings["dedup"], 3)
     _maybe_kill("before_manifest")
 
     new_manifest = _build_manifest(
-        cfg, manifest, codec, active, resolved, unit_ids, markers, skipped
+        cfg, manifest, codec, active, {"id": run_id, "parts": parts}, unit_ids, markers, skipped
     )
     body = json.dumps(new_manifest, indent=1, sort_keys=True).encode() + b"\n"
     storage.write_atomic(f"{root}/manifest.json", body)
     _maybe_kill("after_manifest")
-    _cleanup(storage, root)
+    _cleanup(storage, root, new_manifest)
     lap("commit")
 
     counters: dict[str, dict[str, int]] = {}
@@ -699,7 +698,7 @@ def _build_manifest(
     old: dict[str, Any] | None,
     codec: dict[str, Any],
     new: list[dict[str, Any]],
-    resolved: dict[str, dict[str, Any]],
+    dedup: dict[str, Any],
     unit_ids: list[str],
     markers: dict[str, dict[str, Any]],
     skipped: dict[str, str],
@@ -710,20 +709,17 @@ def _build_manifest(
     run_no = len(runs) + 1
     unit_of = {}
     late: dict[str, dict[str, list[int]]] = {}
+    stats: dict[str, dict[str, Any]] = {}
     for uid in unit_ids:
         for p in markers[uid]["inputs"]:
             unit_of[p] = uid
         late.update(markers[uid].get("late_drops", {}))
+        stats.update(markers[uid]["files"])
         for s in markers[uid]["shards"]:
             shards.append({**s, "run": run_no})
     records = []
     for f in new:
-        r = resolved[f["path"]]
-        dropped = dict(r["dropped"])
-        kept = r["kept"]
-        for reason, positions in late.get(f["path"], {}).items():
-            dropped[reason] = dropped.get(reason, 0) + len(positions)
-            kept -= len(positions)
+        r = stats[f["path"]]
         rec = {
             "path": f["path"],
             "size": f["size"],
@@ -735,9 +731,9 @@ def _build_manifest(
             "unit": unit_of[f["path"]],
             "run": run_no,
             "docs": r["docs"],
-            "kept": kept,
+            "kept": r["kept"],
             "duplicates": r["duplicates"],
-            "dropped": dict(sorted(dropped.items())),
+            "dropped": r["dropped"],
         }
         if f["path"] in late:  # positions dropped after the scan, replayed by verify
             rec["late_drops"] = late[f["path"]]
@@ -760,6 +756,7 @@ def _build_manifest(
             "dropped": dict(sorted(run_dropped.items())),
             "skipped": dict(sorted(skipped.items())),
             "limits": asdict(cfg.limits),
+            "dedup": dedup,
             "rows": sum(s["rows"] for s in new_shards),
             "tokens": sum(s["tokens"] for s in new_shards),
         }
@@ -791,6 +788,7 @@ def _build_manifest(
         "inputs": inputs,
         "counts": counts,
         "runs": runs,
+        "dedup_state": {"prefix_bits": PREFIX_BITS, "files": "dedup/<runs[].dedup.id>/<part>"},
         **({"near_dedup": _near_record(cfg)} if cfg.near_dedup.enabled else {}),
     }
 
@@ -802,9 +800,14 @@ def _near_record(cfg: PreprocessConfig) -> dict[str, Any]:
     return {**asdict(b), "scheme": signature_scheme()}
 
 
-def _cleanup(storage: Storage, root: str) -> None:
-    """Drop ``_work/`` and, locally, temp files of killed writers."""
+def _cleanup(storage: Storage, root: str, manifest: dict[str, Any] | None) -> None:
+    """Drop ``_work/``, state files of uncommitted attempts and, locally, temp files of killed
+    writers."""
     storage.remove_tree(f"{root}/_work")
+    committed = {r["id"] for r in _committed_state(manifest)[0]}
+    for name in storage.list_names(f"{root}/dedup"):
+        if name not in committed:
+            storage.remove_tree(f"{root}/dedup/{name}")
     if not is_s3(root):
         for dirpath, _, names in os.walk(root):
             for n in names:

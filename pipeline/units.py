@@ -1,25 +1,26 @@
-"""Units of work, run inside Ray Data tasks (and directly by unit tests): ``scan`` and ``encode``.
+"""Units of work, run inside Ray tasks (and directly by unit tests): ``scan`` and ``encode``.
 
 A unit is a deterministic group of input files (its id is a hash of their paths). Both functions
 take a plain JSON-able spec, write their outputs with atomic whole-object writes, and finish with a
 marker, so a killed run that is rerun finds the finished units and redoes only the rest:
 
-- scan: read -> decode -> normalise -> filters -> hash (-> MinHash band keys with near_dedup),
-  for each file; writes one ``index/<key>.parquet`` for the unit (one row per document: file path,
-  position, hash, drop reason, and the ``bands`` keys with near_dedup; <key> hashes the run
-  number, the limits, the near_dedup banding and the files' paths, sizes and mtimes). Its
-  presence is the marker. The driver resolves duplicates and near duplicates globally from these
-  files.
-- encode: the same steps again, then mark the (near) duplicates the driver resolved -> split ->
-  tokenise -> bit-encode -> pack -> write ``shards/<split>/<unit>-00000.parquet`` (and optional
-  ``rejects/<unit>.jsonl.gz``), then the marker ``_work/units/<unit>.json``.
+- scan, the only read of the inputs: read -> decode -> normalise -> filters -> hash (-> MinHash
+  band keys with near_dedup) -> split -> tokenise -> bit-encode, for each file. Writes the
+  unit's staged documents (``_work/docs/``: place, reasons, split, code words; with rejects the
+  text), its dedup keys (``_work/keys/``, ``pipeline.dedup``) and, last, one
+  ``index/<key>.parquet`` (one row per document: file path, position, hash, drop reason, and
+  the ``bands`` keys with near_dedup; <key> hashes the run number, the limits, the near_dedup
+  banding and the files' paths, sizes and mtimes), whose presence is the marker.
+- encode: the staged documents less the (near) duplicates the dedup tasks found -> pack ->
+  write ``shards/<split>/<unit>-00000.parquet`` (and optional ``rejects/<unit>.jsonl.gz``), then
+  the marker ``_work/units/<unit>.json`` with each file's counts.
 
 Bad content never fails a unit (readers and steps turn it into counted drops). A file whose bytes
-cannot be fetched (``InputUnreadable``), or that changed between the two passes, is *skipped*: it
-has no index rows / is left out of the shards, the result names it under ``skipped``, and the
-driver leaves it out of the manifest so that the next run tries it again. A document that only
-the encode pass can lose (``tokenise_error``, ``encode_error``, ``split_error``) is a *late drop*:
-the marker lists its position under ``late_drops`` and the driver moves it from kept to dropped.
+cannot be fetched (``InputUnreadable``) is *skipped*: it has no index rows, the result names it
+under ``skipped``, and the driver leaves it out of the manifest so that the next run tries it
+again. A document that tokenise, encode or split lose (``tokenise_error``, ``encode_error``,
+``split_error``) is a *late drop*: the index keeps it (it takes part in dedup as at scan time),
+the encode marker lists its position under ``late_drops``, and verify replays it.
 
 This module must not import torch (workers stay light): code words are looked up with numpy.
 """
@@ -39,14 +40,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.dedup import EXACT, NEAR, doc_keys, keys_table_bytes, read_hits, resolve_part
 from pipeline.neardedup import Banding
 from pipeline.readers import InputUnreadable, read_documents
 from pipeline.shards import encode_shard, sha256_hex
 from pipeline.steps import (
     Batch,
     Encode,
-    MarkDuplicates,
-    MarkNearDuplicates,
     MinHashBands,
     Packer,
     SplitByHash,
@@ -67,7 +67,7 @@ __all__ = [
     "index_rows",
     "index_table",
     "read_input",
-    "run_task",
+    "run_spec",
     "scan_unit",
 ]
 
@@ -205,27 +205,99 @@ def _table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+DOCS_META = b"bitlm.docs"
+
+
+def _docs_table(rows: dict[str, list[Any]], codes: list[np.ndarray], dtype: np.dtype) -> pa.Table:
+    """A unit's staged documents (every document of its files, in file order): place, scan
+    reason, late reason, split, token count, code words, and the text / reject line for
+    rejects."""
+    lens = np.fromiter((len(c) for c in codes), np.int64, count=len(codes))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+    flat = np.concatenate([np.zeros(0, dtype), *codes])
+    cols = {
+        "f": pa.array(rows["f"], pa.int32()),
+        "pos": pa.array(rows["pos"], pa.int64()),
+        "reason": pa.array(rows["reason"], pa.string()),
+        "late": pa.array(rows["late"], pa.string()),
+        "val": pa.array(rows["val"], pa.bool_()),
+        "ntok": pa.array(rows["ntok"], pa.int64()),
+        "codes": pa.LargeListArray.from_arrays(offsets, pa.array(flat)),
+    }
+    if "text" in rows:
+        cols["text"] = pa.array(rows["text"], pa.string())
+        cols["reject"] = pa.array(rows["reject"], pa.binary())
+    return pa.table(cols)
+
+
 def scan_unit(spec: dict[str, Any]) -> dict[str, Any]:
-    """Writes the unit's index file (all its files' documents); returns counters."""
+    """The unit's only read of its inputs: read -> scan steps (-> band keys) -> split ->
+    tokenise -> encode. Writes the staged documents (``spec['docs']``), the dedup keys
+    (``spec['keys']``, ``pipeline.dedup``) and, last, the index file (its marker)."""
     storage = Storage(with_env_credentials(spec["s3"]))
+    root = spec["root"]
     t0 = time.perf_counter()
+    tok, code_of_id = _dataset_codec(storage, root, spec["tokenizer_hash"])
+    dtype = codeword_dtype(len(code_of_id))
+    tokenise, encode = Tokenise(tok), Encode(code_of_id, dtype)
+    split = SplitByHash(spec["val_fraction"])
     counters: dict[str, dict[str, int]] = {}
     nbytes = 0
     tables = []
+    keys = []
     skipped: dict[str, str] = {}
+    files = []
     banding = Banding(**spec["near"]) if spec.get("near") else None
+    rows: dict[str, list[Any]] = {k: [] for k in ("f", "pos", "reason", "late", "val", "ntok")}
+    if spec["rejects"]:
+        rows.update(text=[], reject=[])
+    codes: list[np.ndarray] = []
+    empty = np.zeros(0, dtype)
     for f in spec["files"]:
         try:
             batch, steps = _read_file(storage, f, spec["filters"], spec.get("limits"), banding)
         except InputUnreadable as e:
             skipped[f["path"]] = f"unreadable: {e}"
             continue
-        merge_counters(counters, step_counters(steps))
+        merge_counters(counters, step_counters([s for s in steps if s.name != "minhash"]))
         nbytes += f["size"]
         tables.append(index_table(f["path"], batch, banding is not None))
+        scan = list(batch["reason"])
+        live = alive(batch)
+        keys.append(
+            doc_keys(
+                f["f"],
+                [batch["index"][i] for i in live],
+                [batch["hash"][i] for i in live],
+                [batch["bands"][i] for i in live] if banding else None,
+            )
+        )
+        files.append({"path": f["path"], "f": f["f"], "docs": len(scan)})
+        batch = run_steps([split, tokenise, encode], batch)
+        for i, r in enumerate(scan):
+            rows["f"].append(f["f"])
+            rows["pos"].append(batch["index"][i])
+            rows["reason"].append(r)
+            late = None if r is not None else batch["reason"][i]
+            rows["late"].append(late)
+            rows["val"].append(r is None and batch["split"][i] == "val")
+            ids = batch["ids"][i] if r is None else None
+            rows["ntok"].append(0 if ids is None else len(ids))
+            kept = r is None and late is None
+            codes.append(batch["codes"][i] if kept else empty)
+            if spec["rejects"]:
+                text = batch["text"][i]
+                rec = {"source": f["path"], "index": batch["index"][i], "reason": r, "text": text}
+                rows["text"].append(text if r is None else None)
+                rows["reject"].append(None if r is None else _reject_line(rec))
+    table = _docs_table(rows, codes, dtype)
+    meta = {"files": files, "counters": counters}
+    table = table.replace_schema_metadata({DOCS_META: json.dumps(meta).encode()})
+    storage.write_atomic(f"{root}/{spec['docs']}", _table_bytes(table))
+    storage.write_atomic(f"{root}/{spec['keys']}", keys_table_bytes(keys, spec["parts"]))
     schema = INDEX_SCHEMA.append(BANDS_FIELD) if banding else INDEX_SCHEMA
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
-    storage.write_atomic(f"{spec['root']}/{spec['index']}", _table_bytes(table))
+    index = pa.concat_tables(tables) if tables else schema.empty_table()
+    storage.write_atomic(f"{root}/{spec['index']}", _table_bytes(index))
     return {
         "unit": spec["unit"],
         "bytes": nbytes,
@@ -258,58 +330,101 @@ def _dataset_codec(storage: Storage, root: str, tok_hash: str) -> tuple[Any, np.
     return _CACHE[key]
 
 
+def _late_counters(
+    late: list[str | None], ntok: list[int], val: list[bool]
+) -> dict[str, dict[str, int]]:
+    """Counters of split -> tokenise -> encode over the documents left after dedup (the scan
+    ran these steps on every document; a duplicate's work is not counted)."""
+    c: dict[str, dict[str, int]] = {}
+    n = len(late)
+    for name, prev in (("split", None), ("tokenise", "split_error"), ("encode", "tokenise_error")):
+        if prev is not None:
+            n -= sum(r == prev for r in late)
+        d = {"in": n}
+        lost = sum(r == f"{name}_error" for r in late)
+        if lost:
+            d[f"dropped.{name}_error"] = lost
+        d["out"] = n - lost
+        c[name] = d
+    ok = [v for r, v in zip(late, val, strict=True) if r != "split_error"]
+    c["split"].update(train=ok.count(False), val=ok.count(True))
+    c["tokenise"]["tokens"] = sum(
+        t for r, t in zip(late, ntok, strict=True) if r not in ("split_error", "tokenise_error")
+    )
+    return c
+
+
 def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
-    """Writes the unit's shards (and rejects), then its marker; returns the marker's content."""
+    """Packs the unit's staged documents less the (near) duplicates the resolve tasks found,
+    writes its shards (and rejects), then its marker; returns the marker's content."""
     storage = Storage(with_env_credentials(spec["s3"]))
     root, unit = spec["root"], spec["unit"]
     t0 = time.perf_counter()
-    tok, code_of_id = _dataset_codec(storage, root, spec["tokenizer_hash"])
-    eod_id = int(spec["eod_id"])
-    dtype = codeword_dtype(len(code_of_id))
-    counters: dict[str, dict[str, int]] = {}
-    tokenise, encode = Tokenise(tok), Encode(code_of_id, dtype)
-    split = SplitByHash(spec["val_fraction"])
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(f"{root}/{spec['docs']}")))
+    meta = json.loads(table.schema.metadata[DOCS_META])
+    counters: dict[str, dict[str, int]] = meta["counters"]
+    code_col = table.column("codes").combine_chunks()
+    flat = code_col.values.to_numpy(zero_copy_only=False)
+    offsets = code_col.offsets.to_numpy()
+    dtype = codeword_dtype(int(spec["vocab_size"]))
+    f_of = [f["f"] for f in meta["files"]]
+    hits = read_hits(storage, root, spec["verdicts"], min(f_of, default=0), max(f_of, default=-1))
+    cols = {c: table.column(c).to_pylist() for c in ("f", "pos", "reason", "late", "val", "ntok")}
+    rejecting = "text" in table.column_names
+    texts = table.column("text").to_pylist() if rejecting else []
+    reject_lines = table.column("reject").to_pylist() if rejecting else []
     docs: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     rejects: list[bytes] = []
-    skipped: dict[str, str] = {}
     late_drops: dict[str, dict[str, list[int]]] = {}
-    inputs: list[str] = []
-    for f in spec["files"]:
-        try:
-            batch, steps = _read_file(storage, f, spec["filters"], spec.get("limits"))
-        except InputUnreadable as e:
-            skipped[f["path"]] = f"unreadable: {e}"
-            continue
-        dedup: Step = MarkDuplicates(f["dups"])
-        near: Step = MarkNearDuplicates(f.get("near_dups", []))
-        batch = near(dedup(batch))
-        live = alive(batch)
-        if len(live) != f["expect_kept"]:
-            skipped[f["path"]] = (
-                f"changed: {len(live)} documents kept now, {f['expect_kept']} at scan time"
-            )
-            continue
-        merge_counters(counters, step_counters([*steps, dedup, near]))
-        inputs.append(f["path"])
-        batch = run_steps([split, tokenise, encode], batch)
-        late: dict[str, list[int]] = {}
-        for i in live:
-            r = batch["reason"][i]
-            if r is None:
-                docs[batch["split"][i]].append(batch["codes"][i])
+    stats: dict[str, dict[str, Any]] = {}
+    path_of = {f["f"]: f["path"] for f in meta["files"]}
+    dedup = {"in": 0, "out": 0}
+    near = {"in": 0, "out": 0}
+    left_late: list[str | None] = []
+    left_ntok: list[int] = []
+    left_val: list[bool] = []
+    for i, (fi, pos, r, late, val, ntok) in enumerate(zip(*cols.values(), strict=True)):
+        path = path_of[fi]
+        st = stats.setdefault(path, {"docs": 0, "kept": 0, "duplicates": 0, "dropped": {}})
+        st["docs"] += 1
+        if r is None:
+            dedup["in"] += 1
+            hit = hits.get(fi, {}).get(pos)
+            if hit == EXACT:
+                r = "duplicate"
+                st["duplicates"] += 1
             else:
-                late.setdefault(r, []).append(int(batch["index"][i]))
-        if late:
-            late_drops[f["path"]] = late
-        if spec["rejects"]:
-            for i, r in enumerate(batch["reason"]):
-                if r is None:
-                    continue
-                text = batch["text"][i]
-                rec = {"source": f["path"], "index": batch["index"][i], "reason": r, "text": text}
+                dedup["out"] += 1
+                near["in"] += 1
+                if hit == NEAR and spec["near"]:
+                    r = "near_duplicate"
+                else:
+                    near["out"] += 1
+                    left_late.append(late)
+                    left_ntok.append(ntok)
+                    left_val.append(val)
+                    r = late
+                    if late is not None:
+                        late_drops.setdefault(path, {}).setdefault(late, []).append(pos)
+            if r is not None and r != "duplicate":
+                st["dropped"][r] = st["dropped"].get(r, 0) + 1
+            if r is None:
+                st["kept"] += 1
+                docs["val" if val else "train"].append(flat[offsets[i] : offsets[i + 1]])
+            elif rejecting:
+                rec = {"source": path, "index": pos, "reason": r, "text": texts[i]}
                 rejects.append(_reject_line(rec))
-    merge_counters(counters, step_counters([split, tokenise, encode]))
-    packer = Packer(spec["seq_len"], int(code_of_id[eod_id]), dtype)
+        else:
+            st["dropped"][r] = st["dropped"].get(r, 0) + 1
+            if rejecting:
+                rejects.append(reject_lines[i])
+    for name, d, reason in (("dedup", dedup, "duplicate"), ("near_dedup", near, "near_duplicate")):
+        if d["in"] > d["out"]:
+            d[f"dropped.{reason}"] = d["in"] - d["out"]
+        merge_counters(counters, {name: d})
+    merge_counters(counters, _late_counters(left_late, left_ntok, left_val))
+    packer = Packer(spec["seq_len"], int(spec["eod_code"]), dtype)
+    inputs = [f["path"] for f in meta["files"]]
     shards = []
     for name in ("train", "val"):
         path = f"shards/{name}/{unit}-00000.parquet"
@@ -338,13 +453,15 @@ def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
         with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
             gz.write(b"".join(rejects))
         storage.write_atomic(f"{root}/rejects/{unit}.jsonl.gz", buf.getvalue())
+    for st in stats.values():
+        st["dropped"] = dict(sorted(st["dropped"].items()))
     marker = {
         "unit": unit,
         "plan": spec["plan"],
         "inputs": inputs,
         "shards": shards,
         "counters": counters,
-        "skipped": skipped,
+        "files": stats,
         "late_drops": late_drops,
     }
     storage.write_atomic(f"{root}/_work/units/{unit}.json", json.dumps(marker).encode())
@@ -352,11 +469,8 @@ def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
     return marker
 
 
-def run_task(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` entry: each row holds one JSON spec; returns one JSON result."""
-    out = []
-    for item in batch["spec"]:
-        spec = json.loads(str(item))
-        fn = scan_unit if spec["kind"] == "scan" else encode_unit
-        out.append(json.dumps(fn(spec)))
-    return {"result": np.array(out, dtype=object)}
+def run_spec(spec: str) -> str:
+    """A Ray task's entry: one JSON spec in, one JSON result out."""
+    d = json.loads(spec)
+    fn = {"scan": scan_unit, "resolve": resolve_part, "encode": encode_unit}[d["kind"]]
+    return json.dumps(fn(d))

@@ -310,7 +310,7 @@ def test_surrogates_never_pass_normalise_and_rejects_keep_them() -> None:
 # ---- the driver, in process ------------------------------------------------------------------
 @pytest.fixture
 def local_driver(monkeypatch: pytest.MonkeyPatch):
-    """Runs the driver without Ray: unit specs go through ``run_task`` in this process (so that a
+    """Runs the driver without Ray: unit specs go through ``run_spec`` in this process (so that a
     test can change the inputs between the passes: ``hooks["scan"|"encode"]``)."""
     from pipeline import driver, units
 
@@ -321,7 +321,7 @@ def local_driver(monkeypatch: pytest.MonkeyPatch):
             hooks.pop(desc)()
         out = []
         for s in specs:
-            r = json.loads(units.run_task({"spec": [json.dumps(s)]})["result"][0])
+            r = json.loads(units.run_spec(json.dumps(s)))
             out.append(r)
             if on_result is not None:
                 on_result(r)
@@ -369,26 +369,56 @@ def test_unreadable_file_is_skipped_and_retried_by_the_next_run(
     assert verify(str(out), sample_units=10)["ok"]
 
 
-def test_file_lost_while_encoding_is_replanned_exactly(
+def test_file_lost_after_its_only_read_is_kept_whole(
     local_driver, make_config, pp, tmp_path: Path
 ) -> None:
-    """a.txt holds the first copy of a document b.txt repeats; a.txt vanishes after the scan.
-    The run must keep b.txt's copy (dedup resolved again without a.txt) and leave no shard of
-    a.txt's unit behind."""
+    """Each input is read once (the scan): a.txt, which holds the first copy of a document b.txt
+    repeats, vanishes after the scan and before the encode pass. The encode pass works from the
+    staged tokens, so a.txt is kept whole, b.txt's copy stays a duplicate, and the dataset is the
+    one an undisturbed run writes."""
     root = tmp_path / "c"
     shared, only_a, only_b = "the shared document text", "only in file a", "only in file b"
     pp.write(root / "a.txt", f"{shared}\n{only_a}\n".encode())
     pp.write(root / "b.txt", f"{only_b}\n{shared}\n".encode())
+    inputs = [{"path": str(root), "text_unit": "line"}]
+    ref = tmp_path / "ref"
+    _run(make_config, inputs, ref, val_fraction=0.0)
     local_driver["encode"] = lambda: (root / "a.txt").unlink()
     out = tmp_path / "ds"
-    s = _run(make_config, [{"path": str(root), "text_unit": "line"}], out, val_fraction=0.0)
-    assert list(s["files_skipped"]) == [str(root / "a.txt")]
+    s = _run(make_config, inputs, out, val_fraction=0.0)
+    assert s["files_skipped"] == {} and not (root / "a.txt").exists()
     m = json.loads((out / "manifest.json").read_text())
-    (rec,) = m["inputs"]
-    assert rec["path"].endswith("b.txt") and rec["kept"] == 2 and rec["duplicates"] == 0
-    assert _decoded(out) == sorted([shared, only_b])
-    assert len(list((out / "shards").rglob("*.parquet"))) == len(m["shards"]) == 1
-    assert verify(str(out), sample_units=10)["ok"]
+    a, b = m["inputs"]
+    assert a["path"].endswith("a.txt") and a["kept"] == 2
+    assert b["path"].endswith("b.txt") and b["kept"] == 1 and b["duplicates"] == 1
+    assert _decoded(out) == sorted([shared, only_a, only_b])
+    shards = lambda d: {p.name: p.read_bytes() for p in (d / "shards").rglob("*.parquet")}
+    assert shards(out) == shards(ref)
+
+
+def test_tokenizer_sample_reads_a_large_file_only_as_far_as_it_needs(
+    make_config, pp, tmp_path: Path
+) -> None:
+    """An 80 MB (decompressed) line file and a 5 kB sample: the sample read stops near 1 MiB
+    (peak memory; the whole file would take > 80 MB), and takes the file's first documents."""
+    from pipeline.driver import _sample_texts
+    from pipeline.storage import Storage
+
+    line = "line {} of a large file with some words"
+    lines = "".join(line.format(i) + "\n" for i in range(2_000_000)).encode()
+    pp.write(tmp_path / "big.txt.gz", lines)
+    del lines
+    cfg = make_config([{"path": str(tmp_path)}], str(tmp_path / "ds"))
+    cfg.tokenizer.sample_bytes = 5000
+    f = {"path": str(tmp_path / "big.txt.gz"), "format": "text", "text_unit": "line"}
+    f["text_field"] = "text"
+    tracemalloc.start()
+    sample = _sample_texts(Storage(), cfg, [f])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 32 << 20, peak
+    assert sum(map(len, sample)) >= 5000 > sum(map(len, sample[:-1]))
+    assert sample == [line.format(i) for i in range(len(sample))]
 
 
 def test_late_drop_in_the_encode_pass_is_counted_and_verified(
