@@ -1,6 +1,7 @@
 """Real services on loopback: an `mlflow server` stopped mid-run (point 6; ZeRO-2), checkpoints
 on S3 through a moto server with a ZeRO-3 export (point 7), and the cluster path
-`ray start --head` + `ray job submit` (point 5)."""
+`ray start --head` + `ray job submit` (point 5), with the automatic evaluation jobs/pretrain.py
+wires beside the run."""
 
 from __future__ import annotations
 
@@ -270,6 +271,8 @@ def test_cluster_path_ray_job_submit(tiny_data, tmp_path, mlflow_uri):
                 "mlflow.log_every=1",
                 "--set",
                 "eval.every_steps=4",
+                "--set",
+                "eval.auto=true",
                 "--name",
                 "cluster-run",
             ],
@@ -290,6 +293,13 @@ def test_cluster_path_ray_job_submit(tiny_data, tmp_path, mlflow_uri):
         assert "eval/loss" in run.data.metrics
         arts = [f.path for f in c.list_artifacts(run.info.run_id, "samples")]
         assert arts == ["samples/step_00000004.txt"]
+        kids = c.search_runs(
+            [exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+        )  # the watcher the job started beside training, on the cluster
+        assert [(k.data.tags["bitlm_eval_step"], k.info.status) for k in kids] == [
+            ("4", "FINISHED")
+        ]
+        assert "val/bits_per_token" in kids[0].data.metrics
         assert (storage / "cluster-run" / "checkpoint_00000004" / "trainer_state.json").is_file()
     finally:
         subprocess.run(
