@@ -74,6 +74,16 @@ class ModelConfig:
     # prediction) is trained alone first, so the far slots' marginals do not stall it
     slot_ramp_start: int = 0
     slot_ramp_end: int = 0
+    # in-block teacher forcing (0: off, the paper's): slot j's condition also gets
+    # Linear([e(x_{j-1}); ...; e(x_{j-P})]), the input vectors of the P tokens before it (the
+    # true ones in training, the sampled ones in decoding, which then goes slot by slot). The
+    # far slots then learn conditionals instead of marginals; the head's slot attention becomes
+    # per slot (a slot could otherwise read its own answer in a later slot's condition)
+    slot_prefix: int = 0
+    # slot_prefix > 0: causal decoder layers over the slots of each block after the prefix is
+    # added (slot j reads slots <= j: the prefix vectors of the whole in-block history, not only
+    # a linear sum); output projections zero-initialised
+    slot_mixer: int = 0
     diffusion_batch_mul: int = 4
     cond_dropout: float = 0.1
     self_conditioning: bool = False
@@ -159,6 +169,15 @@ class ModelConfig:
         if not 0 <= self.slot_ramp_start <= self.slot_ramp_end:
             raise ValueError(
                 "model.slot_ramp_start/end: need 0 <= slot_ramp_start <= slot_ramp_end"
+            )
+        if self.slot_prefix < 0 or self.slot_mixer < 0:
+            raise ValueError("model.slot_prefix and model.slot_mixer must be >= 0")
+        if self.slot_mixer and not self.slot_prefix:
+            raise ValueError("model.slot_mixer needs slot_prefix >= 1")
+        if self.slot_prefix and (self.slot_stagger or self.known_prefix_prob):
+            raise ValueError(
+                "model.slot_prefix cannot be combined with slot_stagger or known_prefix_prob "
+                "(its slots are denoised one at a time, each from its own noise)"
             )
         if not 0.0 <= self.slot_stagger <= 1.0:
             raise ValueError("model.slot_stagger must be in [0, 1]")

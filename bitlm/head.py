@@ -59,13 +59,15 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class AdaLNBlock(nn.Module):
-    """x + g1 * Attn(mod(LN(x))) ; x + g2 * MLP(mod(LN(x))), modulation from the condition y."""
+    """x + g1 * Attn(mod(LN(x))) ; x + g2 * MLP(mod(LN(x))), modulation from the condition y.
+    mix=False: no attention among slots; each slot attends to itself only, i.e. Attn = proj(v)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, mix: bool = True) -> None:
         super().__init__()
         self.heads = heads
+        self.mix = mix
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
+        self.qkv = nn.Linear(width, 3 * width if mix else width)
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
@@ -76,6 +78,8 @@ class AdaLNBlock(nn.Module):
         nn.init.zeros_(self.ada.bias)
 
     def attn(self, x: Tensor) -> Tensor:
+        if not self.mix:
+            return self.proj(self.qkv(x))
         R, m, W = x.shape
         q, k, v = self.qkv(x).view(R, m, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
         y = slot_attention(q, k, v)  # [R, heads, m, W/heads]
@@ -111,7 +115,8 @@ class DiffusionHead(nn.Module):
         self.null_cond = nn.Parameter(torch.randn(cfg.d_model) * 0.02)  # for condition dropout
         self.t_mlp = nn.Sequential(nn.Linear(256, W), nn.SiLU(), nn.Linear(W, W))
         self.blocks = nn.ModuleList(
-            AdaLNBlock(W, cfg.head_heads, cfg.head_mlp_ratio) for _ in range(cfg.head_depth)
+            AdaLNBlock(W, cfg.head_heads, cfg.head_mlp_ratio, mix=not cfg.slot_prefix)
+            for _ in range(cfg.head_depth)
         )
         self.final_norm = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(W, 2 * W)
@@ -130,17 +135,19 @@ class DiffusionHead(nn.Module):
         temb = temb[:, None, :] if t.dim() == 1 else temb.view(*t.shape, -1)
         return F.silu(self.cond_proj(h) + temb)
 
-    def tokens(self, x_t: Tensor, h: Tensor) -> Tensor:
-        """The head's token stream z = in_proj(x_t) + slot_pos [+ cond_in(h)]: [R, m, W]."""
-        z = self.in_proj(x_t) + self.slot_pos
+    def tokens(self, x_t: Tensor, h: Tensor, slot: int | None = None) -> Tensor:
+        """The head's token stream z = in_proj(x_t) + slot_pos [+ cond_in(h)]: [R, m, W]
+        (slot: x_t [R, 1, B] is that one slot of the block)."""
+        pos = self.slot_pos if slot is None else self.slot_pos[slot : slot + 1]
+        z = self.in_proj(x_t) + pos
         return z if self.cond_in is None else z + self.cond_in(h)
 
     def use_fused(self, x: Tensor) -> bool:
         """Whether the Triton path runs for tensors like x."""
         if self.force_fused is not None:
             return self.force_fused
-        if not (x.is_cuda and self.cfg.fused_head):
-            return False
+        if not (x.is_cuda and self.cfg.fused_head) or self.cfg.slot_prefix:
+            return False  # the kernels implement the slot attention of slot_prefix=0 only
         # The kernels want one dtype throughout (bf16 or fp32 parameters, as DeepSpeed's bf16
         # mode gives), and read weights outside their module's forward, which ZeRO-3's gather
         # hooks would not see (its partitioned parameters carry ds_id): reference path then.
@@ -150,22 +157,31 @@ class DiffusionHead(nn.Module):
 
         return HAS_TRITON
 
-    def forward(self, x_t: Tensor, t: Tensor, h: Tensor, x_sc: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x_t: Tensor, t: Tensor, h: Tensor, x_sc: Tensor | None = None, slot: int | None = None
+    ) -> Tensor:
         """x_t [R, m, B], t [R] or [R, m], h [R, m, d], x_sc [R, m, B] (self-conditioning)
-        -> x0_hat [R, m, B]."""
+        -> x0_hat [R, m, B]. slot (slot_prefix decoding, whose slots are independent): the
+        inputs are that one slot of each block, m = 1."""
         if self.use_fused(x_t):
             return fused_forward(self, x_t, t, h, x_sc)
-        return self.reference_forward(x_t, t, h, x_sc)
+        return self.reference_forward(x_t, t, h, x_sc, slot=slot)
 
     def reference_forward(
-        self, x_t: Tensor, t: Tensor, h: Tensor, x_sc: Tensor | None = None, squash: bool = True
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        h: Tensor,
+        x_sc: Tensor | None = None,
+        squash: bool = True,
+        slot: int | None = None,
     ) -> Tensor:
         """The PyTorch definition of the head (source of truth for the kernels); squash=False
         returns the pre-tanh output."""
         if self.cfg.self_conditioning:
             x_t = torch.cat([x_t, torch.zeros_like(x_t) if x_sc is None else x_sc], dim=-1)
         y = self.condition(h, t)
-        z = self.tokens(x_t, h)  # [R, m, W]
+        z = self.tokens(x_t, h, slot)  # [R, m, W]
         for blk in self.blocks:
             z = blk(z, y)
         shift, scale = self.final_ada(y).chunk(2, dim=-1)
@@ -202,18 +218,19 @@ class DiffusionHead(nn.Module):
         return diffusion_loss(out, x0, x_t, t, self.cfg.loss, slot_weight)
 
     # ---- decoding ----------------------------------------------------------------------------
-    def guided(self, h: Tensor, cfg_scale: float):
+    def guided(self, h: Tensor, cfg_scale: float, slot: int | None = None):
         """x0(x_t, t, x_sc, rows) for conditions h [R, m, d] (rows: a subset of them), with
-        batched classifier-free guidance."""
+        batched classifier-free guidance; slot: h is that one slot of each block."""
         null = self.null_cond.to(h.dtype)
         full = h if cfg_scale == 1.0 else torch.cat([h, null.expand_as(h)], 0)
 
         def x0(x: Tensor, t: Tensor, sc: Tensor | None, rows: Tensor | None = None) -> Tensor:
             if cfg_scale == 1.0:
-                return self(x, t, h if rows is None else h[rows], sc)
+                return self(x, t, h if rows is None else h[rows], sc, slot)
             hh = full if rows is None else torch.cat([h[rows], null.expand_as(h[rows])], 0)
             sc2 = None if sc is None else torch.cat([sc, sc], 0)
-            cond, uncond = self(torch.cat([x, x], 0), torch.cat([t, t], 0), hh, sc2).chunk(2, 0)
+            xx, tt = torch.cat([x, x], 0), torch.cat([t, t], 0)
+            cond, uncond = self(xx, tt, hh, sc2, slot).chunk(2, 0)
             return uncond + cfg_scale * (cond - uncond)
 
         return x0
@@ -231,11 +248,13 @@ class DiffusionHead(nn.Module):
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         commit: float = 1.0,
+        slot: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One block per row: K Euler steps with guidance, sign() and exact repair.
         h [R, m, d]; known [R, m, B] bits / known_mask [R, m] (inpainting); commit < 1:
-        adaptive denoising (euler_sample). Returns (valid code words [R, m] int64, continuous
-        x0 [R, m, B]). Adds the head evaluations each block needed to self.sample_evals."""
+        adaptive denoising (euler_sample); slot: h [R, 1, d] is that one slot of each block
+        (slot_prefix decoding). Returns (valid code words [R, m] int64, continuous x0
+        [R, m, B]). Adds the head evaluations each block needed to self.sample_evals."""
         if self.use_fused(h) and self.cfg.slot_stagger == 0 and commit >= 1.0:
             self.sample_evals += steps * h.shape[0]
             return fused_sample_block(
@@ -251,7 +270,7 @@ class DiffusionHead(nn.Module):
             )
         R, m, _ = h.shape
         x, evals = euler_sample(
-            self.guided(h, cfg_scale),
+            self.guided(h, cfg_scale, slot),
             (R, m, self.cfg.num_bits),
             steps,
             device=h.device,

@@ -5,6 +5,8 @@
     input    = [S_0..S_{m-1}, e_0 .. e_{L-m-1}]  (learned start block, shifted one block)
     h        = Backbone(input)  (block-causal)                       [b, L, d]
     h[n*m+j] conditions slot j of target block n; it has seen every token before block n.
+    slot_prefix P > 0: h[i] += Linear([e(x_{i-1}); ...; e(x_{i-P})])   (in-block teacher forcing)
+                       then slot_mixer causal decoder layers over the m slots of each block
     head     = diffusion over the m*B bits of each block, or a per-slot softmax (baselines).
 
 The AR baseline is block_size=1, input="embedding", output_head="softmax".
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Backbone, KVCache, RMSNorm, StaticKVCache
+from .backbone import Backbone, DecoderLayer, KVCache, RMSNorm, StaticKVCache, block_causal_mask
 from .codec import BitCodec, CodeTable
 from .config import ModelConfig
 from .diffusion import sample_time, slot_times
@@ -93,6 +95,11 @@ class BitLM(nn.Module):
             else None
         )
         self.backbone = Backbone(cfg)
+        self.prefix_proj = None
+        if cfg.slot_prefix:  # zero-initialised: training starts from the paper's model
+            self.prefix_proj = nn.Linear(cfg.slot_prefix * cfg.d_model, cfg.d_model, bias=False)
+            nn.init.zeros_(self.prefix_proj.weight)
+        self.mixer = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.slot_mixer))
         self.head = DiffusionHead(cfg) if cfg.output_head == "diffusion" else SoftmaxHead(cfg)
         self._init_backbone()
         # loss weight of each slot (slot_loss_decay, slot curriculum); set_step updates it
@@ -113,6 +120,12 @@ class BitLM(nn.Module):
                     nn.init.normal_(sub.weight, std=0.02)
         if isinstance(self.head, SoftmaxHead):
             nn.init.normal_(self.head.proj.weight, std=0.02)
+        for layer in self.mixer:  # starts as the identity
+            for sub in layer.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.normal_(sub.weight, std=0.02)
+            nn.init.zeros_(layer.attn.wo.weight)
+            nn.init.zeros_(layer.mlp.w2.weight)
 
     @property
     def is_diffusion(self) -> bool:
@@ -170,13 +183,35 @@ class BitLM(nn.Module):
             return h
         return h[..., -1:, :] + self.cond_slot
 
+    def prefix(self, tokens: Tensor) -> Tensor:
+        """slot_prefix: tokens [b, T] -> the prefix vectors of positions 0..T [b, T + 1, d]:
+        position i gets Linear([e(x_{i-1}); ...; e(x_{i-P})]), zero vectors before the start."""
+        P, T = self.config.slot_prefix, tokens.shape[1]
+        e = F.pad(self.embed(tokens), (0, 0, P, 0))  # [b, P + T, d]; e(x_i) at P + i
+        return self.prefix_proj(
+            torch.cat([e[:, P - k : P - k + T + 1] for k in range(1, P + 1)], -1)
+        )
+
+    def mix_slots(self, c: Tensor) -> Tensor:
+        """slot_mixer: causal decoder layers over the first j slots of blocks [R, j, d]."""
+        pos = torch.arange(c.shape[1], device=c.device)
+        mask = block_causal_mask(pos, pos, 1)
+        for layer in self.mixer:
+            c = layer(c, pos, mask, None)
+        return c
+
     def conditions(self, tokens: Tensor) -> Tensor:
-        """The per-slot head conditions of every target block: [b, L/m, m, d]."""
+        """The per-slot head conditions of every target block: [b, L/m, m, d] (with
+        slot_prefix, teacher-forced: every slot gets the true tokens before it)."""
         h = self.hidden(tokens)
         b, L, d = h.shape
-        return self.slot_conditions(
-            h.view(b, L // self.config.block_size, self.config.block_size, d)
-        )
+        m = self.config.block_size
+        c = self.slot_conditions(h.view(b, L // m, m, d))
+        if self.prefix_proj is not None:
+            c = c + self.prefix(tokens)[:, :L].view(b, L // m, m, d)
+        if self.mixer:
+            c = self.mix_slots(c.flatten(0, 1)).view(b, L // m, m, d)
+        return c
 
     # ---- training ----------------------------------------------------------------------------
     def set_step(self, step: int) -> None:
@@ -260,9 +295,11 @@ class BitLM(nn.Module):
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         commit: float | None = None,
+        slot: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sample one block per row. h [R, m, d]; known [R, m] ids, known_mask [R, m] bool;
-        commit: adaptive denoising threshold (default cfg.sample_commit).
+        commit: adaptive denoising threshold (default cfg.sample_commit); slot: h [R, 1, d] is
+        that one slot of each block (slot_prefix decoding).
         Returns (ids [R, m], continuous x0 [R, m, B] or logits)."""
         if not self.is_diffusion:
             logits = self.head(h).float()  # [R, m, V]
@@ -284,11 +321,34 @@ class BitLM(nn.Module):
                 known=kb,
                 known_mask=known_mask,
                 commit=self.config.sample_commit if commit is None else commit,
+                slot=slot,
             )
             ids, logits = self.codec.from_codewords(words), x
         if known is not None:
             ids = torch.where(known_mask, known, ids)
         return ids, logits
+
+    def sample_slots(
+        self, h: Tensor, seq: Tensor, rem: int, generator: torch.Generator | None, **kw
+    ) -> Tensor:
+        """slot_prefix decoding of one block, one slot at a time, each slot's condition given the
+        tokens sampled before it. h [b, m, d]; seq [b, T] the tokens so far, whose last rem are
+        the block's first (known) slots -> the block [b, m]. The head's slots are independent
+        (no slot attention): each is sampled alone."""
+        P, m = self.config.slot_prefix, self.config.block_size
+        block = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)
+        block[:, :rem] = seq[:, seq.shape[1] - rem :]
+        T0 = seq.shape[1] - rem  # where the block starts
+        hp = h.clone()  # conditions with the prefix, slots 0..j
+        for j in range(m):
+            hp[:, j] = h[:, j] + self.prefix(seq[:, max(T0 + j - P, 0) : T0 + j])[:, -1]
+            if j < rem:
+                continue
+            hj = self.mix_slots(hp[:, : j + 1])[:, j:] if self.mixer else hp[:, j : j + 1]
+            ids, _ = self.sample_block(hj, generator=generator, slot=j, **kw)  # [b, 1]
+            block[:, j] = ids[:, 0]
+            seq = torch.cat([seq, ids], 1)
+        return block
 
     @torch.no_grad()
     def generate(
@@ -333,16 +393,13 @@ class BitLM(nn.Module):
                 known[:, :rem] = seq[:, -rem:]
                 known_mask = torch.zeros(b, m, dtype=torch.bool, device=prompt.device)
                 known_mask[:, :rem] = True
-            block, _ = self.sample_block(
-                h,
-                steps=steps,
-                cfg_scale=cfg_scale,
-                temperature=temperature,
-                generator=generator,
-                known=known,
-                known_mask=known_mask,
-                commit=commit,
-            )
+            kw = dict(steps=steps, cfg_scale=cfg_scale, temperature=temperature, commit=commit)
+            if self.prefix_proj is None:
+                block, _ = self.sample_block(
+                    h, generator=generator, known=known, known_mask=known_mask, **kw
+                )
+            else:
+                block = self.sample_slots(h, seq, rem, generator=generator, **kw)
             seq = torch.cat([seq[:, : seq.shape[1] - rem], block], 1)
             rem = 0
             if seq.shape[1] >= total:
@@ -472,10 +529,12 @@ class BitLM(nn.Module):
         cfg = self.config
         weights = lambda mod: sum(p.numel() for p in mod.parameters() if p.dim() == 2)
         n_lin = weights(self.backbone) + (weights(self.input) if cfg.input == "bits" else 0)
+        if self.prefix_proj is not None:
+            n_lin += weights(self.prefix_proj) + weights(self.mixer)
         flops = 6 * n_lin + 12 * cfg.n_layers * cfg.d_model * seq_len
         if self.is_diffusion:
             head_w = weights(self.head) - self.head.slot_pos.numel()
-            attn = 4 * cfg.head_depth * cfg.head_width * cfg.block_size
+            attn = 0 if cfg.slot_prefix else 4 * cfg.head_depth * cfg.head_width * cfg.block_size
             passes = cfg.diffusion_batch_mul * (1.5 if cfg.self_conditioning else 1.0)
             flops += 3 * (2 * head_w + attn) * passes
         else:

@@ -66,7 +66,8 @@ def test_conditions_are_block_causal(m: int) -> None:
 
 @pytest.mark.parametrize("P", [0, 3, 4, 7, 8])
 @pytest.mark.parametrize(
-    "head", ["diffusion", "softmax", "slot_embedding", "reversed", "stagger", "last"]
+    "head",
+    ["diffusion", "softmax", "slot_embedding", "reversed", "stagger", "last", "prefix"],
 )
 def test_kv_cache_equals_recomputation(P: int, head: str) -> None:
     torch.manual_seed(0)
@@ -75,8 +76,12 @@ def test_kv_cache_equals_recomputation(P: int, head: str) -> None:
         "reversed": dict(input_block_order="reversed", input="bit_groups"),
         "stagger": dict(slot_stagger=0.5, known_prefix_prob=0.5, head_cond_input=True),
         "last": dict(condition="last", input="bit_groups"),
+        "prefix": dict(slot_prefix=2, slot_mixer=1),
     }.get(head, dict(output_head=head))
     model = BitLM(tiny(**kw)).double().eval()
+    if model.prefix_proj is not None:
+        for p in [model.prefix_proj.weight, *model.mixer.parameters()]:
+            torch.nn.init.normal_(p, std=0.3)
     prompt = torch.randint(0, 50, (3, P))
     outs = []
     for use_cache in ("static", "dynamic", False):
@@ -87,6 +92,59 @@ def test_kv_cache_equals_recomputation(P: int, head: str) -> None:
     assert outs[0].shape == (3, P + 9)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert torch.equal(outs[0][:, :P], prompt)
+
+
+def prefixed(head: str, mixer: int = 0) -> BitLM:
+    torch.manual_seed(0)
+    cfg = tiny(output_head=head, slot_prefix=2, slot_mixer=mixer, head_cond_input=True)
+    model = BitLM(cfg).double().eval()
+    with torch.no_grad():  # the zero-initialised layers too: an untrained head is constant
+        for p in [model.prefix_proj.weight, *model.head.parameters(), *model.mixer.parameters()]:
+            p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("head", ["diffusion", "softmax"])
+def test_slot_prefix_conditions_see_exactly_the_p_tokens_before(head: str) -> None:
+    model = prefixed(head)
+    tokens = torch.randint(0, 50, (2, 16))
+    h = model.conditions(tokens).flatten(1, 2)  # [b, L, d]
+    changed = tokens.clone()
+    changed[:, 9] = (changed[:, 9] + 7) % 50  # slot 1 of block 2
+    diff = (model.conditions(changed).flatten(1, 2) - h).abs().amax((0, 2))  # [L]
+    # positions 10 and 11 read token 9 through the prefix, block 3 through the backbone
+    assert (diff[:10] == 0).all() and (diff[10:] > 1e-6).all()
+
+
+def test_slot_mixer_is_causal_over_the_slots() -> None:
+    model = prefixed("softmax", mixer=1)
+    tokens = torch.randint(0, 50, (2, 16))
+    changed = tokens.clone()
+    changed[:, 9] = (changed[:, 9] + 7) % 50  # slot 1 of block 2: read by slots 2, 3 (prefix)
+    diff = (model.conditions(changed) - model.conditions(tokens)).abs().amax((0, 3))  # [N, m]
+    assert (diff[:2] == 0).all() and (diff[2, :2] == 0).all() and (diff[2:, 2:] > 1e-6).all()
+    assert (diff[3] > 1e-6).all()
+
+
+@pytest.mark.parametrize("head", ["diffusion", "softmax", "mixer"])
+def test_slot_prefix_greedy_decoding_is_its_own_teacher_forced_prediction(head: str) -> None:
+    """Decoding goes slot by slot with the sampled tokens in the prefix; training and evaluation
+    use the true tokens. For greedy decoding the two must agree: every generated token is the
+    teacher-forced greedy prediction at its position, given the generated sequence."""
+    model = prefixed("diffusion", mixer=1) if head == "mixer" else prefixed(head)
+    prompt = torch.randint(0, 50, (3, 5))  # 5: the first generated block is completed
+    seq = model.generate(prompt, 11, steps=4, temperature=0.0)  # [3, 16]
+    pred, _ = model.sample_block(
+        model.conditions(seq).flatten(0, 1),
+        steps=4,
+        cfg_scale=1.0,
+        temperature=0.0,
+        generator=None,
+    )
+    assert torch.equal(pred.view(3, 16)[:, 5:], seq[:, 5:])
+    # and the prefix matters: without it the same model decodes something else
+    model.prefix_proj.weight.data.zero_()
+    assert not torch.equal(model.generate(prompt, 11, steps=4, temperature=0.0), seq)
 
 
 def test_ar_baseline_generates_with_cache() -> None:
@@ -248,6 +306,10 @@ def test_config_errors_name_the_field() -> None:
         ModelConfig.from_dict({"vocab_size": 10, "widht": 3})
     with pytest.raises(ValueError, match=r"model\.block_size"):
         tiny(block_size=0)
+    with pytest.raises(ValueError, match=r"model\.slot_mixer needs slot_prefix"):
+        tiny(slot_mixer=1)
+    with pytest.raises(ValueError, match=r"model\.slot_prefix cannot be combined"):
+        tiny(slot_prefix=2, known_prefix_prob=0.5)
 
 
 def test_bad_sequence_length_is_clear_error() -> None:
