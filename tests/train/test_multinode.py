@@ -11,6 +11,7 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from helpers import MlflowServer, metric_history, train, write_dataset
@@ -174,3 +175,64 @@ def test_node_lost_mid_run_resumes_when_a_node_joins(services, ray_cluster, tmp_
     arts = {f.path for f in c.list_artifacts(res.mlflow_run_id)}
     assert {"recipe.yaml", "tokenizer.json", "code_table.json"} <= arts  # proxied to S3
     print(f"\n[multinode] uninterrupted run {t_full:.0f} s, node loss + rejoin {t_lost:.0f} s")
+
+
+def _records_its_node(flag: str):
+    """The automatic evaluation's Ray task, writing its Ray node id to ``flag`` (s3://) first."""
+
+    def watch_task(*args):
+        import json
+
+        import ray
+
+        from bitlm.eval import evaluate
+        from bitlm.storage import open_fs
+
+        fs, path = open_fs(flag)
+        with fs.open_output_stream(path) as f:
+            f.write(json.dumps({"node_id": ray.get_runtime_context().get_node_id()}).encode())
+        return evaluate._watch_task(*args)
+
+    return watch_task
+
+
+def test_auto_eval_on_another_node_reads_checkpoints_from_s3(services, tmp_path, monkeypatch):
+    """The trainers on the two worker nodes, the watcher (0 CPUs) on the head: it reads every
+    checkpoint from S3 and logs an eval child run per step, its samples proxied to S3."""
+    import cloudpickle
+    from helpers import TINY
+    from mlflow.tracking import MlflowClient
+
+    from bitlm.eval import evaluate
+    from bitlm.train import launch, load_train_recipe, run
+
+    data, storage, uri = services
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    flags = f"{storage}/_test-eval"
+    monkeypatch.setattr(launch, "train_worker", _pauses_after_commit(flags, -1))  # no pause
+    monkeypatch.setattr(evaluate, "_watch_task", _records_its_node(f"{flags}/watcher.json"))
+    over = [*COMMON, "steps=4", "checkpoint.every_steps=2", "eval.auto=true"]
+    recipe = load_train_recipe(None, [*TINY, f"data.path={data}", f"storage_path={storage}", *over])
+    t0 = time.monotonic()
+    res = run(replace(recipe, name="auto"), on_start=evaluate.start_auto_eval)
+    t_eval = time.monotonic() - t0
+
+    trainers = set(_nodes_of_ranks(flags).values())
+    fs, path = open_fs(f"{flags}/watcher.json")
+    with fs.open_input_stream(path) as f:
+        watcher = json.loads(f.read())["node_id"]
+    assert len(trainers) == 2 and watcher not in trainers
+    c = MlflowClient(uri)
+    children = c.search_runs(
+        [c.get_run(res.mlflow_run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{res.mlflow_run_id}'",
+    )
+    by_step = {int(r.data.tags["bitlm_eval_step"]): r for r in children}
+    assert sorted(by_step) == [2, 4]
+    for step, r in by_step.items():
+        assert r.info.status == "FINISHED" and "val/loss" in r.data.metrics
+        assert r.data.tags["bitlm_eval_checkpoint"] == checkpoint.path_of(res.run_dir, step)
+        assert res.run_dir.startswith("s3://")
+        arts = {a.path for a in c.list_artifacts(r.info.run_id, "samples")}
+        assert "samples/samples.txt" in arts
+    print(f"\n[multinode] training + automatic evaluation on the head {t_eval:.0f} s")
