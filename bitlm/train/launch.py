@@ -167,6 +167,7 @@ def run(
     _read_fatal(recipe, name, remove=True)
 
     tracking_uri, run_id, synced = _start_tracking(recipe, man)
+    _warn_node_local(recipe, tracking_uri)
     worker_uri = None
     if tracking_uri:  # credentials in the URI move to the workers' environment (runtime_env)
         worker_uri, user, password = split_credentials(tracking_uri)
@@ -292,3 +293,26 @@ def _lookup(tracking_uri: str, recipe: TrainRecipe, name: str) -> str | None:
         return find_or_create_run(tracking_uri, recipe.mlflow.experiment, name, {})
     except Exception:
         return None
+
+
+def _warn_node_local(recipe: TrainRecipe, tracking_uri: str | None) -> list[str]:
+    """On a cluster of several nodes, warn about (and return) each path local to one node that
+    the workers would read or write: the workers of another node see their own disk there."""
+    import ray
+
+    if sum(1 for n in ray.nodes() if n["Alive"]) < 2:
+        return []
+    found = [
+        f"{key}={value}"
+        for key, value in (("storage_path", recipe.storage_path), ("data.path", recipe.data.path))
+        if "://" not in value
+    ]
+    if tracking_uri and not tracking_uri.startswith(("http://", "https://", "databricks")):
+        found.append(f"MLflow {tracking_uri} (set MLFLOW_TRACKING_URI to an mlflow server)")
+    if found:
+        log.warning(
+            "the Ray cluster has several nodes and these paths are local to each: %s; unless "
+            "they are one shared mount on every node, use s3:// (docs/cluster.md)",
+            "; ".join(found),
+        )
+    return found

@@ -236,3 +236,20 @@ def test_auto_eval_on_another_node_reads_checkpoints_from_s3(services, tmp_path,
         arts = {a.path for a in c.list_artifacts(r.info.run_id, "samples")}
         assert "samples/samples.txt" in arts
     print(f"\n[multinode] training + automatic evaluation on the head {t_eval:.0f} s")
+
+
+def test_node_local_paths_are_named_on_a_cluster(ray_cluster, tiny_data, tmp_path, caplog):
+    """A local storage_path, data.path or sqlite MLflow store is one node's disk: on a cluster
+    of several nodes the driver names each (an s3:// run and an mlflow server: nothing)."""
+    import ray
+
+    from bitlm.train import launch, load_train_recipe
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS: the cluster
+    local = load_train_recipe(None, [f"data.path={tiny_data}", f"storage_path={tmp_path}"])
+    found = launch._warn_node_local(local, f"sqlite:///{tmp_path}/mlflow.db")
+    assert [f.split("=")[0].split(" ")[0] for f in found] == ["storage_path", "data.path", "MLflow"]
+    assert "several nodes" in caplog.text
+    remote = load_train_recipe(None, ["data.path=s3://b/d", "storage_path=s3://b/runs"])
+    assert launch._warn_node_local(remote, "http://127.0.0.1:5000") == []
