@@ -160,7 +160,9 @@ def run(
         # Joins RAY_ADDRESS (a cluster, `ray job submit`) or starts a local Ray. The job's
         # runtime_env takes the environment to every process, Train's controller included:
         # it opens the storage on the driver's node, whose own environment may lack the keys.
-        ray.init(runtime_env={"env_vars": env} if env else None)
+        # A submitted job has its own (Ray refuses to merge the same variable twice).
+        submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(runtime_env={"env_vars": env} if env and not submitted else None)
 
     storage_path, storage_fs, root = _storage(recipe)
     run_dir = f"{root}/{name}"
