@@ -187,9 +187,9 @@ def synthetic_corpus(root: Path, docs: int, per_file: int = 10_000, tag: str = "
 
 
 def run_driver(args: argparse.Namespace) -> dict:
-    """The driver of a real run over the synthetic corpus (``--files-dir``) on a local Ray of 2
-    CPUs: peak RSS growth of this process (the driver) and the phase timings; then the same for
-    an incremental run of one new file over that dataset."""
+    """The driver of one real run over the synthetic corpus (``--files-dir``) into
+    ``--out-dir`` on a local Ray of 2 CPUs: peak RSS growth of this process (the driver) over its
+    state after ``ray.init``, the phase timings and the dedup state's size on disk."""
     import resource
 
     import ray
@@ -199,58 +199,58 @@ def run_driver(args: argparse.Namespace) -> dict:
     from pipeline.config import PreprocessConfig
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    corpus = Path(args.files_dir)
-    out = tempfile.mkdtemp()
     recipe = {
         "name": "bench",
-        "inputs": [{"path": str(corpus), "glob": "*.txt", "text_unit": "line"}],
-        "output": out,
+        "inputs": [{"path": args.files_dir, "glob": "*.txt", "text_unit": "line"}],
+        "output": args.out_dir,
         "tokenizer": {"vocab_size": 4096, "sample_bytes": 1_000_000},
         "near_dedup": {"enabled": args.worker == "driver-near"},
         "unit_bytes": 16 << 20,
         "progress": False,
     }
-    res = {}
-    for mode in ("first_run", "incremental_run"):
-        if mode == "incremental_run":
-            synthetic_corpus(corpus, 10_000, tag="x")
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        t0 = time.perf_counter()
-        s = run_preprocess(from_dict(PreprocessConfig, recipe))
-        secs = time.perf_counter() - t0
-        grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-        state = sum(p.stat().st_size for p in (Path(out) / "dedup").rglob("*.parquet"))
-        res[mode] = {
-            "docs": s["run"]["docs"],
-            "dataset_docs": s["totals"]["docs"],
-            "seconds": secs,
-            "phases": s["timings"],
-            "driver_peak_rss_growth_bytes": grew,
-            "dedup_state_bytes": state,
-        }
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    s = run_preprocess(from_dict(PreprocessConfig, recipe))
+    secs = time.perf_counter() - t0
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
     ray.shutdown()
-    return res
+    return {
+        "docs": s["run"]["docs"],
+        "dataset_docs": s["totals"]["docs"],
+        "seconds": secs,
+        "phases": s["timings"],
+        "driver_peak_rss_growth_bytes": grew,
+        "dedup_state_bytes": sum(
+            p.stat().st_size for p in (Path(args.out_dir) / "dedup").rglob("*.parquet")
+        ),
+    }
 
 
 def driver_memory(sizes: list[int]) -> dict:
-    """``run_driver`` at each corpus size, near_dedup off and on, each in a fresh process."""
+    """``run_driver`` at each corpus size, near_dedup off and on: the first run, then an
+    incremental run of one new file (10k documents) over that dataset, each in a fresh process."""
     result: dict = {"benchmark": "driver of a real run (local Ray, 2 CPUs)", "runs": {}}
     for n in sizes:
         for kind in ("driver", "driver-near"):
+            m = {}
             with tempfile.TemporaryDirectory() as tmp:
-                synthetic_corpus(Path(tmp), n)
-                cmd = [sys.executable, __file__, "--worker", kind, "--files-dir", tmp]
-                r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=3000)
-            if r.returncode != 0:
-                raise RuntimeError(f"{kind} failed:\n{r.stderr[-4000:]}")
-            m = json.loads(r.stdout.strip().splitlines()[-1])
-            for v in m.values():
-                v["driver_bytes_per_dataset_doc"] = (
-                    v["driver_peak_rss_growth_bytes"] / v["dataset_docs"]
-                )
-                v["us_per_doc"] = v["seconds"] / v["docs"] * 1e6
-                v["dedup_us_per_doc"] = v["phases"]["dedup"] / v["docs"] * 1e6
-                v["state_bytes_per_dataset_doc"] = v["dedup_state_bytes"] / v["dataset_docs"]
+                corpus, out = Path(tmp) / "corpus", Path(tmp) / "out"
+                synthetic_corpus(corpus, n)
+                for mode in ("first_run", "incremental_run"):
+                    if mode == "incremental_run":
+                        synthetic_corpus(corpus, 10_000, tag="x")
+                    cmd = [sys.executable, __file__, "--worker", kind]
+                    cmd += ["--files-dir", str(corpus), "--out-dir", str(out)]
+                    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=3000)
+                    if r.returncode != 0:
+                        raise RuntimeError(f"{kind} failed:\n{r.stderr[-4000:]}")
+                    v = json.loads(r.stdout.strip().splitlines()[-1])
+                    grew = v["driver_peak_rss_growth_bytes"]
+                    v["driver_bytes_per_dataset_doc"] = grew / v["dataset_docs"]
+                    v["us_per_doc"] = v["seconds"] / v["docs"] * 1e6
+                    v["dedup_us_per_doc"] = v["phases"]["dedup"] / v["docs"] * 1e6
+                    v["state_bytes_per_dataset_doc"] = v["dedup_state_bytes"] / v["dataset_docs"]
+                    m[mode] = v
             key = f"{n}/near_dedup_{'on' if kind == 'driver-near' else 'off'}"
             result["runs"][key] = m
             print(key, json.dumps(m), file=sys.stderr)
@@ -280,6 +280,7 @@ def main() -> None:
     workers = ["pipeline", "pipeline-near", "raw", "driver", "driver-near"]
     ap.add_argument("--worker", choices=workers, default=None)
     ap.add_argument("--files-dir", default=None)
+    ap.add_argument("--out-dir", default=None)
     ap.add_argument("--tokenizer", default=None)
     a = ap.parse_args()
     if a.worker:
@@ -324,6 +325,7 @@ def main() -> None:
                 "bytes": sum(os.path.getsize(p) for p in files),
             },
             "vocab_size": a.vocab,
+            "unit_bytes": recipe("", "", "", 1)["unit_bytes"],
             "tokenizer_train_seconds": train_s,
             "runs": {},
         }

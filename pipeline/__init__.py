@@ -1,4 +1,4 @@
-"""Corpus preprocessing on Ray Data: read -> normalise -> filter -> dedup -> tokenise -> bit-encode
+"""Corpus preprocessing on Ray tasks: read -> normalise -> filter -> dedup -> tokenise -> bit-encode
 -> pack -> Parquet shards + manifest (docs/preprocessing.md, docs/dataset-format.md).
 
 Public API: ``run_preprocess(config) -> summary``, ``verify(dataset) -> report``,

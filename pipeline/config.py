@@ -151,7 +151,7 @@ class RayConfig:
 
     address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else a local instance
     num_cpus: int | None = None  # for a local instance; None = all cores
-    cpus_per_task: float = 1.0  # each unit of work is one Ray Data task of this many CPUs
+    cpus_per_task: float = 1.0  # each unit of work is one Ray task of this many CPUs
     # new input bytes per dedup resolve task (each resolves a range of key prefixes; <= 256)
     dedup_part_bytes: int = 1 << 30
 

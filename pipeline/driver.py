@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import CONTENT_KEYS, InputSpec, PreprocessConfig
@@ -395,8 +394,8 @@ def _unindexed(storage: Storage, root: str, new: list[dict[str, Any]]) -> list[s
     paths: dict[str, set[str]] = {}
     for index in dict.fromkeys(f["index"] for f in new):
         data = storage.read_bytes(f"{root}/{index}")
-        col = pq.read_table(pa.BufferReader(data), columns=["path"]).column("path")
-        paths[index] = set(pc.unique(col).to_pylist())
+        table = pq.read_table(pa.BufferReader(data), columns=["path"], read_dictionary=["path"])
+        paths[index] = {p for c in table.column("path").chunks for p in c.dictionary.to_pylist()}
     return [f["path"] for f in new if f["path"] not in paths[f["index"]]]
 
 

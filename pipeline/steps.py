@@ -3,7 +3,7 @@
 A batch is a dict of equal-length lists, one entry per document, in file order. ``reason`` is None
 while a document is alive; the step that drops it writes the reason and counts it. Steps never
 remove entries, so document positions (``index``) stay stable for dedup, rejects and verify.
-Nothing here imports Ray; the driver composes the steps inside Ray Data tasks.
+Nothing here imports Ray; the driver composes the steps inside Ray tasks.
 
 No step raises on its input: each document is handled on its own, and any exception on one
 document (a bug, a library error, a value of an unexpected type) drops that document as
