@@ -62,7 +62,9 @@ def corpus_files(mb: float) -> list[str]:
     return out
 
 
-def recipe(files_dir: str, output: str, tokenizer: str, cpus: int, near: bool = False) -> dict:
+def recipe(
+    files_dir: str, output: str, tokenizer: str, cpus: int, near: bool, executor: str
+) -> dict:
     return {
         "name": "bench",
         "inputs": [{"path": files_dir, "glob": "**/*.py", "format": "text", "text_unit": "file"}],
@@ -77,7 +79,7 @@ def recipe(files_dir: str, output: str, tokenizer: str, cpus: int, near: bool = 
         "val_fraction": 0.01,
         "unit_bytes": 4_000_000,
         "progress": False,
-        "ray": {"num_cpus": cpus},
+        "ray": {"num_cpus": cpus, "executor": executor},
     }
 
 
@@ -99,7 +101,8 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     )
     ray_start = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as out:
-        r = recipe(args.files_dir, out, args.tokenizer, cpus, args.worker == "pipeline-near")
+        near = args.worker == "pipeline-near"
+        r = recipe(args.files_dir, out, args.tokenizer, cpus, near, args.executor)
         cfg = from_dict(PreprocessConfig, r)
         t0 = time.perf_counter()
         s = run_preprocess(cfg)
@@ -257,11 +260,11 @@ def driver_memory(sizes: list[int]) -> dict:
     return result
 
 
-def sub(kind: str, cpus: int, files_dir: str, tokenizer: str) -> dict:
+def sub(kind: str, cpus: int, files_dir: str, tokenizer: str, executor: str) -> dict:
     env = {**os.environ, "RAYON_NUM_THREADS": str(cpus)}
     env["TOKENIZERS_PARALLELISM"] = "true" if (kind == "raw" and cpus > 1) else "false"
     cmd = [sys.executable, __file__, "--worker", kind, "--cpus", str(cpus)]
-    cmd += ["--files-dir", files_dir, "--tokenizer", tokenizer]
+    cmd += ["--files-dir", files_dir, "--tokenizer", tokenizer, "--executor", executor]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=3000)
     if r.returncode != 0:
         raise RuntimeError(f"{kind} at {cpus} CPUs failed:\n{r.stderr[-4000:]}")
@@ -277,6 +280,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--driver-docs", type=int, nargs="+", default=None)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--executor", choices=["data", "tasks"], default="data", help="ray.executor")
     workers = ["pipeline", "pipeline-near", "raw", "driver", "driver-near"]
     ap.add_argument("--worker", choices=workers, default=None)
     ap.add_argument("--files-dir", default=None)
@@ -319,13 +323,14 @@ def main() -> None:
         result: dict = {
             "benchmark": "preprocess",
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "executor": a.executor,
             "corpus": {
                 "source": "python stdlib *.py, sorted paths",
                 "files": len(files),
                 "bytes": sum(os.path.getsize(p) for p in files),
             },
             "vocab_size": a.vocab,
-            "unit_bytes": recipe("", "", "", 1)["unit_bytes"],
+            "unit_bytes": recipe("", "", "", 1, False, a.executor)["unit_bytes"],
             "tokenizer_train_seconds": train_s,
             "runs": {},
         }
@@ -338,7 +343,7 @@ def main() -> None:
         for rep in range(a.repeat):
             for n in a.cpus:
                 for k in kinds if rep % 2 == 0 else kinds[::-1]:
-                    got[str(n)][k].append(sub(k, n, str(src), str(tok_path)))
+                    got[str(n)][k].append(sub(k, n, str(src), str(tok_path), a.executor))
                 print(f"repeat {rep} cpus={n}: {json.dumps(got[str(n)])}", file=sys.stderr)
         best = lambda rs: min(rs, key=lambda r: r["seconds"])
         for n in a.cpus:

@@ -152,6 +152,10 @@ class RayConfig:
     address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else a local instance
     num_cpus: int | None = None  # for a local instance; None = all cores
     cpus_per_task: float = 1.0  # each unit of work is one Ray task of this many CPUs
+    # how the passes run their units: data, a Ray Data map (one block per unit; the design's
+    # stack), or tasks, plain Ray tasks (no Data executor: ~1-5 s less per pass, which only
+    # small runs notice; docs/preprocessing.md). Same results either way.
+    executor: Literal["data", "tasks"] = "data"
     # new input bytes per dedup resolve task (each resolves a range of key prefixes; <= 256)
     dedup_part_bytes: int = 1 << 30
 

@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -326,8 +326,9 @@ def _ray_map(
     desc: str,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs specs as Ray tasks (one each, ``cpus_per_task`` CPUs, retried when a worker dies);
-    results as they finish."""
+    """Runs specs, one Ray task each (``cpus_per_task`` CPUs, retried when a worker dies), as a
+    Ray Data map (``ray.executor: data``) or as plain tasks (``tasks``); results as they
+    finish."""
     import ray
     from tqdm import tqdm
 
@@ -337,18 +338,44 @@ def _ray_map(
     opts: dict[str, Any] = {"num_cpus": cfg.ray.cpus_per_task, "max_retries": 3}
     if env:
         opts["runtime_env"] = {"env_vars": env}
-    task = ray.remote(run_spec).options(**opts)
-    pending = [task.remote(json.dumps(s)) for s in specs]
+    if cfg.ray.executor == "data":
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = ctx.enable_operator_progress_bars = cfg.progress
+        ctx.print_on_execution_start = False
+        ds = ray.data.from_items(
+            [{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs)
+        ).map_batches(  # Ray Data retries a task whose worker dies on its own
+            _run_batch,
+            batch_size=1,
+            num_cpus=opts["num_cpus"],
+            runtime_env=opts.get("runtime_env"),
+        )
+        results = (row["result"] for row in ds.iter_rows())
+    else:
+        task = ray.remote(run_spec).options(**opts)
+        results = _as_completed([task.remote(json.dumps(s)) for s in specs])
     out = []
     with tqdm(total=len(specs), desc=desc, unit="task", disable=not cfg.progress) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            r = json.loads(ray.get(ready[0]))
+        for res in results:
+            r = json.loads(res)
             out.append(r)
             bar.update(1)
             if on_result is not None:
                 on_result(r)
     return out
+
+
+def _run_batch(batch: dict[str, Any]) -> dict[str, list[str]]:
+    """Ray Data's form of run_spec: a batch of one spec in, its result out."""
+    return {"result": [run_spec(s) for s in batch["spec"]]}
+
+
+def _as_completed(pending: list[Any]) -> Iterator[str]:
+    import ray
+
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(ready[0])
 
 
 # ---- dedup -------------------------------------------------------------------------------------
