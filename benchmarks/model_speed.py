@@ -4,6 +4,7 @@ cache reported beside it), in one process, as ratios to the AR numbers of the sa
 per-token latency. CPU default: the two sizes of issue 11 with ModelConfig's head defaults.
 
     python benchmarks/model_speed.py [--device cuda] [--quick] [--sizes NAME ...] [--steps K ...]
+        [--bitlm KEY=VALUE ...]    # ModelConfig overrides of the BitLM models, e.g. slot_prefix=4
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from bitlm import BitLM, ModelConfig
 
@@ -43,7 +45,7 @@ def build(kind: str, m: int, a: argparse.Namespace, device: torch.device) -> Bit
     if kind == "ar":
         cfg = ModelConfig(block_size=1, input="embedding", output_head="softmax", **common)
     else:
-        cfg = ModelConfig(block_size=m, **common)
+        cfg = ModelConfig(block_size=m, **common, **a.bitlm)
     torch.manual_seed(0)
     return BitLM(cfg).to(device=device, dtype=a.dtype).eval()
 
@@ -147,8 +149,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="one small size, for smoke runs")
     p.add_argument("--sizes", nargs="*", help=f"of {list(SIZES)} (default: per device)")
     p.add_argument("--steps", type=int, nargs="*", default=[15, 8, 4], help="head evaluations K")
+    p.add_argument("--bitlm", nargs="*", default=[], help="KEY=VALUE ModelConfig overrides")
     p.add_argument("--out", default="benchmarks/results/model_speed.json")
     a = p.parse_args()
+    try:
+        a.bitlm = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.bitlm)}
+        ModelConfig(**a.bitlm)
+    except (ValueError, TypeError) as e:
+        p.error(f"--bitlm: {e}")
     device = torch.device(a.device)
     a.run = "quick" if a.quick else device.type
     sizes = a.sizes or (
@@ -161,6 +169,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "steps": a.steps,
+        "bitlm_overrides": a.bitlm,
         "results": {name: bench_size(name, a, device) for name in sizes},
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
