@@ -667,7 +667,12 @@ def start_auto_eval(run: Started) -> AutoEval | None:
         train_split=recipe.data.split,
         tracking_uri=tracking.split_credentials(run.tracking_uri)[0],
     )
-    task = ray.remote(num_cpus=0, max_retries=0)(_watch_task)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # beside the driver (the head under `ray job submit`), not on a trainer's node; soft: any
+    # node if that one is gone
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(_watch_task)
     if run.env:
         task = task.options(runtime_env={"env_vars": run.env})
     return AutoEval(

@@ -28,7 +28,9 @@ def _secrets() -> dict[str, str]:
     }
 
 
-def test_no_secret_in_what_the_driver_hands_to_ray(tiny_data, tmp_path, mlflow_server, monkeypatch):
+def test_no_secret_in_what_the_driver_hands_to_ray(
+    ray_local, tiny_data, tmp_path, mlflow_server, monkeypatch
+):
     import ray
     import ray.cloudpickle as cloudpickle
     import ray.train.torch
