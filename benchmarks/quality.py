@@ -153,9 +153,9 @@ class Bench:
     def sample_stats(self, model: BitLM) -> dict[str, float]:
         """Continuations of the validation prompts, sampled (temperature 1: the headline),
         greedy (temperature 0), and every entry of eval.samplers ({name, temperature, cfg_scale,
-        steps, commit}; cfg_scale, steps and commit only act on diffusion heads, so an entry
-        meant for them alone names `diffusion_only: true`), each scored by the reference n-gram;
-        for diffusion heads also the head evaluations each sampled block needed."""
+        steps, commit, eta}; cfg_scale, steps, commit and eta only act on diffusion heads, so an
+        entry meant for them alone names `diffusion_only: true`), each scored by the reference
+        n-gram; for diffusion heads also the head evaluations each sampled block needed."""
         P, new = self.ev["prompt_tokens"], self.ev["new_tokens"]
         samplers = [{"name": "", "temperature": 1.0}, {"name": "_greedy", "temperature": 0.0}]
         samplers += [
@@ -166,7 +166,8 @@ class Bench:
         out: dict[str, float] = {}
         for sm in samplers:
             g = torch.Generator(device=self.device).manual_seed(self.ev["seed"])
-            kw = {k: sm[k] for k in ("temperature", "cfg_scale", "steps", "commit") if k in sm}
+            keys = ("temperature", "cfg_scale", "steps", "commit", "eta")
+            kw = {k: sm[k] for k in keys if k in sm}
             if model.is_diffusion:
                 model.head.sample_evals = 0
             seq = model.generate(self.prompts.to(self.device), new, generator=g, **kw)

@@ -52,6 +52,11 @@ class ModelConfig:
     head_mlp_ratio: float = 2.0
     head_cond_input: bool = False  # also add Linear(d -> W)(h) to the head's token stream
     head_squash: bool = True  # x0_hat = tanh(out): predictions stay in (-1, 1)
+    # x0_hat = tanh(out + (1 - t) x_t / t^2): the network's output is added to the per-bit
+    # posterior log-odds (halved) that x_t alone gives a uniform bit (beyond the paper). At
+    # initialisation (out = 0) the head is then the exact denoiser of uniform random bits, and
+    # it only has to learn the context's prior logits and the dependence between bits
+    head_posterior_skip: bool = False
     fused_head: bool = True  # use the Triton kernels on CUDA when available; False forces eager
     # objective
     # x0_mse (the paper's), v_loss (JiT/BitDance), bit_ce: cross-entropy of each bit under
@@ -95,6 +100,10 @@ class ModelConfig:
     # adaptive denoising: a block stops early once every bit's |x0_hat| > sample_commit with a
     # stable sign (1.0: never, the fixed-K sampler)
     sample_commit: float = 1.0
+    # stochasticity of the sampler (beyond the paper): 0 is the probability-flow ODE (Euler,
+    # which on this path equals DDIM); 1 the ancestral sampler, which draws x_s from the
+    # Gaussian posterior q(x_s | x_t, x0 = x0_hat) at every step; in between, DDIM's eta
+    sample_eta: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ffn_hidden == 0:
@@ -183,10 +192,14 @@ class ModelConfig:
             raise ValueError("model.slot_stagger must be in [0, 1]")
         if self.slot_stagger > 0 and (self.time_min, self.time_max) != (0.0, 1.0):
             raise ValueError("model.time_min/time_max cannot be combined with slot_stagger")
+        if not 0.0 <= self.sample_eta <= 1.0:
+            raise ValueError("model.sample_eta must be in [0, 1]")
         if not 0.0 <= self.sample_commit <= 1.0:
             raise ValueError("model.sample_commit must be in [0, 1]")
         if not 0.0 <= self.known_prefix_prob <= 1.0:
             raise ValueError("model.known_prefix_prob must be in [0, 1]")
+        if self.head_posterior_skip and not self.head_squash:
+            raise ValueError("model.head_posterior_skip needs head_squash=true")
         if self.loss == "bit_ce" and not self.head_squash:
             raise ValueError("model.loss=bit_ce needs head_squash=true (x0_hat = tanh(logit/2))")
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 
-__all__ = ["diffusion_loss", "euler_sample", "sample_time", "slot_times"]
+__all__ = ["ddim_step", "diffusion_loss", "euler_sample", "sample_time", "slot_times"]
 
 # x0_fn(x_t [r, m, B], t [r], x_sc [r, m, B] | None, rows [r] | None) -> x0_hat [r, m, B]:
 # rows (indices into the R blocks) when only some blocks are still being denoised
@@ -69,6 +69,19 @@ def diffusion_loss(
 
 
 @torch.no_grad()
+def ddim_step(x: Tensor, x0: Tensor, t: Tensor, s: Tensor, eta: float, z: Tensor) -> Tensor:
+    """One step t -> s < t on x_t = (1 - t) x0 + t eps: x_s = (1 - s) x0 + sqrt(s^2 - c^2)
+    eps_hat + c z with eps_hat = (x_t - (1 - t) x0) / t and c^2 = eta^2 Var q(x_s | x_t, x0)
+    (the DDPM posterior). eta = 0 is the Euler step of the ODE, eta = 1 the ancestral sampler.
+    t, s: scalars or broadcastable to x; z: fresh standard noise like x."""
+    t = t.clamp_min(1e-6)
+    a_ts = (1 - t) / (1 - s).clamp_min(1e-6)  # alpha_{t|s}
+    var_ts = (t**2 - a_ts**2 * s**2).clamp_min(0)  # sigma^2_{t|s}
+    c2 = eta**2 * var_ts * s**2 / t**2
+    eps_hat = (x - (1 - t) * x0) / t
+    return (1 - s) * x0 + (s**2 - c2).clamp_min(0).sqrt() * eps_hat + c2.sqrt() * z
+
+
 def euler_sample(
     x0_fn: X0Fn,
     shape: tuple[int, ...],
@@ -83,6 +96,7 @@ def euler_sample(
     self_conditioning: bool = False,
     stagger: float = 0.0,
     commit: float = 1.0,
+    eta: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """K Euler steps of the probability-flow ODE from x_1 ~ N(0, temperature^2 I) to t = 0:
     x <- x + (t_next - t) (x - x0_hat) / t. Returns (the continuous x_0 [R, m, B], the head
@@ -95,7 +109,8 @@ def euler_sample(
     commit < 1: adaptive denoising. A block (row) whose every free bit has |x0_hat| > commit
     with the same sign as at the previous evaluation jumps to x = x0_hat (t = 0) and is frozen;
     only the rows still running are evaluated, and the loop ends when every row is done.
-    commit = 1 (the default) is the fixed-K sampler."""
+    commit = 1 (the default) is the fixed-K sampler.
+    eta > 0: stochastic steps (ddim_step); eta = 0 is the Euler step above."""
     x = torch.randn(shape, device=device, generator=generator, dtype=torch.float32) * temperature
     x = x.to(dtype)
     if known is not None:
@@ -129,6 +144,9 @@ def euler_sample(
         x_sc = x0 if self_conditioning else None
         # slots already clean (t = 0) or not started (t = t_next = 1) do not move
         step = x + (t_next - t) * (x - x0) / t.clamp_min(1e-6)
+        if eta > 0:
+            z = torch.randn(shape, device=device, generator=generator).to(dtype) * temperature
+            step = ddim_step(x, x0, t, t_next, eta, z)
         if commit >= 1.0 or prev is None:
             x, prev = step, x0
             continue

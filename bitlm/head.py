@@ -8,6 +8,7 @@ Diffusion head, per target block of m slots:
     z   = AdaLNBlock(z, y) x depth  (self-attention among the m slots, then an MLP; shift, scale
           and gate from y, zero-initialised)
     out = Linear(W -> B)(modulate(LayerNorm(z), y))                      [R, m, B]
+    out = out + (1 - t) x_t / t^2   if head_posterior_skip (per-bit evidence of x_t, clamped)
     x0_hat = tanh(out) if head_squash else out
 
 Dispatch: the fused Triton path (the end of this file, over bitlm/kernels/) runs on CUDA tensors
@@ -33,6 +34,7 @@ __all__ = [
     "SoftmaxHead",
     "clear_graphs",
     "modulate",
+    "posterior_skip",
     "slot_attention",
     "timestep_embedding",
 ]
@@ -44,6 +46,14 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0) 
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = 1000.0 * t.float()[:, None] * freqs[None, :]
     return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def posterior_skip(x_t: Tensor, t: Tensor, limit: float = 30.0) -> Tensor:
+    """Half the log-odds that bit k is +1 given x_t,k alone, for a uniform bit under
+    x_t = (1 - t) x0 + t eps: (1 - t) x_t / t^2 [R, m, B] (t [R] or [R, m]), clamped to
+    +-limit (tanh is 1 to float precision there), so tanh of it is E[x0 | x_t]."""
+    tt = (t[:, None, None] if t.dim() == 1 else t[..., None]).to(x_t.dtype)
+    return ((1 - tt) * x_t / tt.square().clamp_min(1e-12)).clamp(-limit, limit)
 
 
 def slot_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -148,6 +158,8 @@ class DiffusionHead(nn.Module):
             return self.force_fused
         if not (x.is_cuda and self.cfg.fused_head) or self.cfg.slot_prefix:
             return False  # the kernels implement the slot attention of slot_prefix=0 only
+        if self.cfg.head_posterior_skip:
+            return False  # nor the posterior skip
         # The kernels want one dtype throughout (bf16 or fp32 parameters, as DeepSpeed's bf16
         # mode gives), and read weights outside their module's forward, which ZeRO-3's gather
         # hooks would not see (its partitioned parameters carry ds_id): reference path then.
@@ -178,6 +190,7 @@ class DiffusionHead(nn.Module):
     ) -> Tensor:
         """The PyTorch definition of the head (source of truth for the kernels); squash=False
         returns the pre-tanh output."""
+        skip = posterior_skip(x_t, t) if self.cfg.head_posterior_skip else None
         if self.cfg.self_conditioning:
             x_t = torch.cat([x_t, torch.zeros_like(x_t) if x_sc is None else x_sc], dim=-1)
         y = self.condition(h, t)
@@ -186,6 +199,8 @@ class DiffusionHead(nn.Module):
             z = blk(z, y)
         shift, scale = self.final_ada(y).chunk(2, dim=-1)
         out = self.out(modulate(self.final_norm(z), shift, scale))
+        if skip is not None:
+            out = out + skip
         return torch.tanh(out) if (squash and self.cfg.head_squash) else out
 
     # ---- training: noising and loss from integer code words ----------------------------------
@@ -249,13 +264,15 @@ class DiffusionHead(nn.Module):
         known_mask: Tensor | None = None,
         commit: float = 1.0,
         slot: int | None = None,
+        eta: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
         """One block per row: K Euler steps with guidance, sign() and exact repair.
         h [R, m, d]; known [R, m, B] bits / known_mask [R, m] (inpainting); commit < 1:
         adaptive denoising (euler_sample); slot: h [R, 1, d] is that one slot of each block
-        (slot_prefix decoding). Returns (valid code words [R, m] int64, continuous x0
-        [R, m, B]). Adds the head evaluations each block needed to self.sample_evals."""
-        if self.use_fused(h) and self.cfg.slot_stagger == 0 and commit >= 1.0:
+        (slot_prefix decoding); eta > 0: stochastic steps (ddim_step). Returns (valid code
+        words [R, m] int64, continuous x0 [R, m, B]). Adds the head evaluations each block
+        needed to self.sample_evals."""
+        if self.use_fused(h) and self.cfg.slot_stagger == 0 and commit >= 1.0 and eta == 0:
             self.sample_evals += steps * h.shape[0]
             return fused_sample_block(
                 self,
@@ -282,6 +299,7 @@ class DiffusionHead(nn.Module):
             self_conditioning=self.cfg.self_conditioning,
             stagger=self.cfg.slot_stagger,
             commit=commit,
+            eta=eta,
         )
         self.sample_evals += int(evals.sum())
         return codec.repair(x), x

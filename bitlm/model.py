@@ -296,11 +296,12 @@ class BitLM(nn.Module):
         known_mask: Tensor | None = None,
         commit: float | None = None,
         slot: int | None = None,
+        eta: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sample one block per row. h [R, m, d]; known [R, m] ids, known_mask [R, m] bool;
         commit: adaptive denoising threshold (default cfg.sample_commit); slot: h [R, 1, d] is
-        that one slot of each block (slot_prefix decoding).
-        Returns (ids [R, m], continuous x0 [R, m, B] or logits)."""
+        that one slot of each block (slot_prefix decoding); eta: sampler stochasticity (default
+        cfg.sample_eta). Returns (ids [R, m], continuous x0 [R, m, B] or logits)."""
         if not self.is_diffusion:
             logits = self.head(h).float()  # [R, m, V]
             if temperature == 0:
@@ -322,6 +323,7 @@ class BitLM(nn.Module):
                 known_mask=known_mask,
                 commit=self.config.sample_commit if commit is None else commit,
                 slot=slot,
+                eta=self.config.sample_eta if eta is None else eta,
             )
             ids, logits = self.codec.from_codewords(words), x
         if known is not None:
@@ -361,12 +363,14 @@ class BitLM(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool | str = True,
         commit: float | None = None,
+        eta: float | None = None,
     ) -> Tensor:
         """prompt [b, P] (any P >= 0) -> [b, P + max_new_tokens]. Block by block: sample the next
         block from the conditions, then one backbone call over its m tokens (KV cache).
         use_cache: True or "static" (a preallocated StaticKVCache, the default for decoding),
         "dynamic" (grown by concatenation), False (recompute the whole prefix every block).
-        commit: adaptive denoising threshold (default cfg.sample_commit; 1: fixed K)."""
+        commit: adaptive denoising threshold (default cfg.sample_commit; 1: fixed K).
+        eta: sampler stochasticity (default cfg.sample_eta; 0: the ODE)."""
         cfg = self.config
         steps = cfg.sample_steps if steps is None else steps
         cfg_scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
@@ -393,7 +397,9 @@ class BitLM(nn.Module):
                 known[:, :rem] = seq[:, -rem:]
                 known_mask = torch.zeros(b, m, dtype=torch.bool, device=prompt.device)
                 known_mask[:, :rem] = True
-            kw = dict(steps=steps, cfg_scale=cfg_scale, temperature=temperature, commit=commit)
+            kw = dict(
+                steps=steps, cfg_scale=cfg_scale, temperature=temperature, commit=commit, eta=eta
+            )
             if self.prefix_proj is None:
                 block, _ = self.sample_block(
                     h, generator=generator, known=known, known_mask=known_mask, **kw

@@ -322,3 +322,77 @@ def test_flops_count_includes_head() -> None:
     bit = BitLM(tiny())
     more = BitLM(tiny(diffusion_batch_mul=8))
     assert more.flops_per_token(64) > bit.flops_per_token(64) > 6 * bit.num_params("backbone")
+
+
+def test_posterior_skip_is_the_exact_denoiser_of_uniform_bits_at_init():
+    """head_posterior_skip: with the output layer at its zero init, x0_hat is E[x0 | x_t] for
+    uniform +-1 bits under x_t = (1 - t) x0 + t eps, computed here from the two Gaussians."""
+    torch.manual_seed(0)
+    cfg = tiny(head_posterior_skip=True)
+    model = BitLM(cfg)
+    head, B = model.head, cfg.num_bits
+    R, m = 64, cfg.block_size
+    t = torch.rand(R) * 0.9 + 0.1
+    x0 = torch.randint(0, 2, (R, m, B)).float() * 2 - 1
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * torch.randn(R, m, B)
+    h = torch.randn(R, m, cfg.d_model)
+    tt = t[:, None, None]
+    log_plus = -((x_t - (1 - tt)) ** 2) / (2 * tt**2)
+    log_minus = -((x_t + (1 - tt)) ** 2) / (2 * tt**2)
+    exact = (log_plus.exp() - log_minus.exp()) / (log_plus.exp() + log_minus.exp())
+    torch.testing.assert_close(head(x_t, t, h), exact, atol=1e-5, rtol=0)
+    # a trained output layer moves the prediction away from it, through the same tanh
+    torch.nn.init.normal_(head.out.bias, std=1.0)
+    assert (head(x_t, t, h) - exact).abs().max() > 0.05
+    model.loss(torch.randint(0, cfg.vocab_size, (2, 4 * m))).backward()
+    assert head.out.weight.grad is not None and head.out.weight.grad.abs().sum() > 0
+
+
+def test_posterior_skip_needs_the_tanh():
+    with pytest.raises(ValueError, match="head_posterior_skip"):
+        tiny(head_posterior_skip=True, head_squash=False)
+
+
+def test_ddim_step_at_eta_0_is_the_euler_step():
+    from bitlm.diffusion import ddim_step
+
+    x, x0 = torch.randn(8, 4, 6), torch.randn(8, 4, 6).tanh()
+    t, s = torch.tensor(0.7), torch.tensor(0.45)
+    euler = x + (s - t) * (x - x0) / t
+    torch.testing.assert_close(ddim_step(x, x0, t, s, 0.0, torch.randn_like(x)), euler)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_keeps_the_marginal_of_the_path(eta):
+    """With the true x0 as the denoiser's answer, x_t ~ N((1 - t) x0, t^2) must step to
+    x_s ~ N((1 - s) x0, s^2) for every eta (the ancestral step samples q(x_s | x_t, x0))."""
+    from bitlm.diffusion import ddim_step
+
+    g = torch.Generator().manual_seed(0)
+    n, t, s = 200_000, torch.tensor(0.8), torch.tensor(0.3)
+    x0 = torch.ones(n)
+    x_t = (1 - t) * x0 + t * torch.randn(n, generator=g)
+    x_s = ddim_step(x_t, x0, t, s, eta, torch.randn(n, generator=g))
+    assert abs(x_s.mean().item() - (1 - s.item())) < 0.005
+    assert abs(x_s.std().item() - s.item()) < 0.005
+
+
+def test_stochastic_sampler_is_seeded_and_differs_from_the_ode():
+    cfg = tiny(sample_steps=4)
+    model = BitLM(cfg).eval()
+    torch.nn.init.normal_(model.head.out.weight, std=0.5)  # zero-init: x0_hat would be 0
+    prompt = torch.randint(0, cfg.vocab_size, (3, 5))
+    out = {}
+    for eta in (0.0, 1.0, 1.0):
+        g = torch.Generator().manual_seed(3)
+        out.setdefault(eta, []).append(model.generate(prompt, 12, generator=g, eta=eta))
+    assert torch.equal(out[1.0][0], out[1.0][1])  # same seed, same tokens
+    assert not torch.equal(out[0.0][0], out[1.0][0])
+    g = torch.Generator().manual_seed(3)  # greedy stays deterministic: no noise at T = 0
+    a = model.generate(prompt, 12, generator=g, eta=1.0, temperature=0.0)
+    b = model.generate(
+        prompt, 12, generator=torch.Generator().manual_seed(9), eta=1.0, temperature=0.0
+    )
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="sample_eta"):
+        tiny(sample_eta=1.5)
