@@ -1,7 +1,8 @@
 """The import rules of issue 13, read from the source (ast, every import in a file, lazy ones
-included): the checkpoint and tracking modules are leaves, the model code imports no Ray, MLflow
-or DeepSpeed, kernels/ holds tensor ops, bitlm never imports pipeline, training never imports
-evaluation (the job layer, jobs/, wires them), and no two modules import each other."""
+included): the checkpoint, tracking and dataset format modules are leaves, the model code imports
+no Ray, MLflow or DeepSpeed, kernels/ holds tensor ops, bitlm never imports pipeline, training
+never imports evaluation (the job layer, jobs/, wires them), and no two modules import each
+other."""
 
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ def imports(name: str, top_level_only: bool = False) -> frozenset[str]:
     return frozenset(out - parents)  # a package's own __init__ runs anyway
 
 
-def closure(name: str, packages: bool = True) -> set[str]:
+def closure(name: str, packages: bool = True, top_level_only: bool = False) -> set[str]:
     """Every module ``name`` imports, directly or through this repository's modules (with
-    ``packages``, also the packages whose ``__init__`` importing a submodule runs)."""
+    ``packages``, also the packages whose ``__init__`` importing a submodule runs; with
+    ``top_level_only``, only what importing it runs: no lazy import inside a function)."""
     seen, todo = set(), [name]
     while todo:
         m = todo.pop()
-        for i in imports(m):
+        for i in imports(m, top_level_only):
             ancestors = (
                 [i.rsplit(".", k)[0] for k in range(1, i.count(".") + 1)] if packages else []
             )
@@ -81,6 +83,15 @@ def test_the_tracking_module_is_a_leaf():
     """Nothing of this repository; MLflow only lazily (``import bitlm.tracking`` stays cheap)."""
     assert not _under(closure("bitlm.tracking", packages=False), "bitlm", "pipeline", "ray")
     assert not _under(set(imports("bitlm.tracking", top_level_only=True)), "mlflow")
+
+
+def test_the_dataset_format_module_is_a_leaf():
+    """Preprocessing and training both import it: nothing of theirs, no service, and importing
+    it (the package ``bitlm`` included) loads no torch, which preprocessing's workers avoid."""
+    got = closure("bitlm.dataset_format", packages=False)
+    assert not _under(got, "bitlm.train", "bitlm.eval", "pipeline", *SERVICES)
+    assert not _under(closure("bitlm.dataset_format", top_level_only=True), "torch")
+    assert not _under(closure("pipeline.units", top_level_only=True), "torch")
 
 
 @pytest.mark.parametrize("module", MODEL)
