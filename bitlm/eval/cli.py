@@ -27,10 +27,10 @@ _SHOWN = (
 
 
 def _bad_input() -> tuple[type[BaseException], ...]:
+    from ..dataset_format import DataError
     from ..pretrained import CheckpointError
     from ..recipe import RecipeError
     from ..tracking import RunLookupError
-    from ..train.data import DataError
     from .evaluate import EvalError
 
     return (EvalError, RunLookupError, RecipeError, DataError, CheckpointError, FileNotFoundError)

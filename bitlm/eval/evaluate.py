@@ -385,13 +385,13 @@ def _samples_text(samples: list[dict[str, Any]]) -> str:
 
 
 def _check_dataset(parent: RunRef, ckpt: str, state: dict[str, Any]) -> None:
-    from ..train.data import DataError, Manifest
+    from ..dataset_format import DataError, Manifest
 
     try:
         man = Manifest.load(parent.data_path)
     except DataError as e:
         raise EvalError(f"run {parent.name!r}: its dataset is unreadable: {e}") from None
-    if parent.split not in man.shards:
+    if parent.split not in man.splits:
         raise EvalError(f"{parent.data_path}: no {parent.split!r} split to evaluate on")
     fp = state.get("fingerprint")  # of the dataset version it was trained on (grown since: ok)
     if (
@@ -450,14 +450,14 @@ def evaluate_checkpoint(
 
 def _reference(spec: str, tracking_uri: str, parent: RunRef, roots: Any = ()) -> BitLM:
     """The reference model: a folder, or a run of the evaluated run's own experiment."""
-    from ..train.data import Manifest
+    from ..dataset_format import Manifest, tokenizer_hash
 
     data_path = parent.data_path
     model, _, tok = load_any_model(
         spec, tracking_uri, experiment_id=parent.experiment_id, roots=roots
     )
     man = Manifest.load(data_path)
-    if tok is not None and hashlib.sha256(tok.encode()).hexdigest() != man.tokenizer_hash:
+    if tok is not None and tokenizer_hash(tok) != man.tokenizer_hash:
         raise EvalError(f"reference {spec!r} uses another tokenizer than {data_path}")
     if model.config.vocab_size != man.vocab_size:
         raise EvalError(

@@ -1,4 +1,5 @@
-"""Training-side reader of a preprocessed dataset (docs/dataset-format.md).
+"""Training-side reader of a preprocessed dataset (docs/dataset-format.md; the manifest and
+its versions are ``bitlm.dataset_format``'s).
 
     manifest.json -> shards of one split -> global rows 0..N-1 (shard order as in the manifest)
     position p (samples consumed since the start of training) -> epoch p // N, and the row
@@ -18,18 +19,15 @@ dataset grows. ``select_version`` is the rule a launch uses to pick one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..codec import BitCodec, CodeTable
+from ..codec import BitCodec
+from ..dataset_format import DataError, Manifest
 from ..storage import open_fs
 
 __all__ = [
@@ -43,129 +41,6 @@ __all__ = [
 ]
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-class DataError(ValueError):
-    """The dataset is missing, unfinished, inconsistent, or does not match the model."""
-
-
-def _read_text(fs: pafs.FileSystem, path: str) -> str:
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    path: str  # relative to the dataset folder
-    rows: int
-    sha256: str
-    run: int = 1  # the preprocessing run (dataset version) that added it
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The keys of manifest.json training relies on."""
-
-    root: str
-    seq_len: int
-    block_size: int
-    vocab_size: int
-    num_bits: int
-    codeword_dtype: str
-    eod_id: int
-    tokenizer_hash: str
-    code_table_hash: str
-    shards: dict[str, tuple[ShardInfo, ...]]  # split -> shards
-    version: int = 1  # the newest run number; shards of later runs are not included
-
-    @classmethod
-    def load(cls, root: str) -> Manifest:
-        fs, base = open_fs(root)
-        try:
-            d = json.loads(_read_text(fs, f"{base}/manifest.json"))
-        except FileNotFoundError:
-            raise DataError(f"{root}: no manifest.json (missing or unfinished dataset)") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{root}/manifest.json: unreadable: {e}") from None
-        if d.get("format_version") != 1:
-            raise DataError(f"{root}: format_version {d.get('format_version')!r}, expected 1")
-        try:
-            shards: dict[str, list[ShardInfo]] = {}
-            for s in d["shards"]:
-                info = ShardInfo(
-                    str(s["path"]), int(s["rows"]), str(s.get("sha256", "")), int(s.get("run", 1))
-                )
-                shards.setdefault(str(s["split"]), []).append(info)
-            runs = [int(r["run"]) for r in d.get("runs", [])]
-            runs += [i.run for v in shards.values() for i in v]
-            return cls(
-                root=root.rstrip("/"),
-                seq_len=int(d["seq_len"]),
-                block_size=int(d["block_size"]),
-                vocab_size=int(d["vocab_size"]),
-                num_bits=int(d["num_bits"]),
-                codeword_dtype=str(d["codeword_dtype"]),
-                eod_id=int(d["eod_id"]),
-                tokenizer_hash=str(d["tokenizer_hash"]),
-                code_table_hash=str(d["code_table_hash"]),
-                shards={k: tuple(v) for k, v in shards.items()},
-                version=max(runs, default=1),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{root}/manifest.json: missing or bad key: {e}") from None
-
-    def at_version(self, version: int) -> Manifest:
-        """The dataset as its run ``version`` committed it (the shards of runs 1..version)."""
-        if not 1 <= version <= self.version:
-            raise DataError(
-                f"{self.root}: no dataset version {version} (versions 1..{self.version})"
-            )
-        shards = {k: tuple(s for s in v if s.run <= version) for k, v in self.shards.items()}
-        return replace(self, shards={k: v for k, v in shards.items() if v}, version=version)
-
-    def version_of(self, split: str, fingerprint: str, version: int | None = None) -> int | None:
-        """The version whose ``split`` has ``fingerprint``: ``version`` if it matches, else (no
-        version recorded) the newest one that does; None when none does (the data changed)."""
-        candidates = range(self.version, 0, -1) if version is None else [version]
-        for v in candidates:
-            if 1 <= v <= self.version and self.at_version(v).fingerprint(split) == fingerprint:
-                return v
-        return None
-
-    def fingerprint(self, split: str) -> str:
-        """sha256 over (tokenizer_hash, code_table_hash, sorted (path, sha256) of the split)."""
-        h = hashlib.sha256()
-        h.update(self.tokenizer_hash.encode() + b"\0" + self.code_table_hash.encode() + b"\0")
-        for s in sorted(self.shards.get(split, ()), key=lambda s: s.path):
-            h.update(s.path.encode() + b"\0" + s.sha256.encode() + b"\0")
-        return h.hexdigest()
-
-    def read_file(self, name: str) -> str:
-        fs, base = open_fs(self.root)
-        return _read_text(fs, f"{base}/{name}")
-
-    def code_table(self) -> CodeTable:
-        table = CodeTable.from_json(self.read_file("code_table.json"))
-        if table.hash != self.code_table_hash:
-            raise DataError(f"{self.root}: code_table.json does not match code_table_hash")
-        return table
-
-    def tokenizer_json(self) -> str:
-        text = self.read_file("tokenizer.json")
-        if hashlib.sha256(text.encode()).hexdigest() != self.tokenizer_hash:
-            raise DataError(f"{self.root}: tokenizer.json does not match tokenizer_hash")
-        return text
-
-    def check_model(self, vocab_size: int, block_size: int) -> None:
-        """The model must fit the data: same vocabulary, seq_len a multiple of block_size."""
-        if vocab_size != self.vocab_size:
-            raise DataError(
-                f"model.vocab_size={vocab_size} but the dataset has vocab_size={self.vocab_size}"
-            )
-        if self.seq_len % block_size:
-            raise DataError(
-                f"dataset seq_len={self.seq_len} is not a multiple of model.block_size={block_size}"
-            )
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -251,7 +126,7 @@ class Dataset:
         self.version = self.manifest.version
         self.split = split
         self.seed = seed
-        shards = self.manifest.shards.get(split, ())
+        shards = self.manifest.split(split)
         if not shards:
             raise DataError(f"{root}: no shards in split {split!r}")
         self.shards = shards

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..checkpoint import latest_complete
+from ..dataset_format import DataError, Manifest
 from ..tracking import (
     client,
     default_tracking_uri,
@@ -33,7 +34,7 @@ from ..tracking import (
     sync_params,
 )
 from .config import TrainRecipe
-from .data import DataError, Manifest, open_fs, select_version
+from .data import open_fs, select_version
 from .worker import FATAL_FILE, RunInfo, train_worker
 
 log = logging.getLogger("bitlm.train")
@@ -147,7 +148,7 @@ def run(
     if recipe.data.vocab_from_manifest and recipe.model.vocab_size != man.vocab_size:
         recipe = replace(recipe, model=replace(recipe.model, vocab_size=man.vocab_size))
     man.check_model(recipe.model.vocab_size, recipe.model.block_size)
-    if not man.shards.get(recipe.data.split):
+    if not man.split(recipe.data.split):
         raise DataError(f"{recipe.data.path}: no shards in split {recipe.data.split!r}")
     select_version(recipe.data.dataset_version, man.version, None)  # a version N must exist
 

@@ -43,11 +43,12 @@ from ..checkpoint import (
     read_state,
     write_state,
 )
+from ..dataset_format import DataError, Manifest
 from ..model import BitLM
 from ..recipe import from_dict
 from ..safeload import UnsafeCheckpointError, weights_only_loads
 from .config import TrainRecipe
-from .data import DataError, Dataset, Manifest, open_fs, rank_positions, select_version
+from .data import Dataset, open_fs, rank_positions, select_version
 
 log = logging.getLogger("bitlm.train")
 
@@ -715,7 +716,7 @@ def _evaluate(recipe, engine, man, codec, step, rank, world, device, tracker) ->
     model.eval()
     try:
         ev = None
-        if recipe.data.eval_split and recipe.data.eval_split in man.shards:
+        if recipe.data.eval_split and recipe.data.eval_split in man.splits:
             with contextlib.suppress(DataError):  # e.g. an empty val split: no eval loss
                 ev = Dataset(
                     recipe.data.path, recipe.data.eval_split, recipe.data.seed, version=man.version

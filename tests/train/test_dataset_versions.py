@@ -114,9 +114,9 @@ def test_versions_of_a_manifest(tmp_path):
     (tmp_path / "ds/manifest.json").write_text(json.dumps(man))
     m = Manifest.load(data)
     assert m.version == 3
-    assert [s.rows for s in m.at_version(1).shards["train"]] == [24, 24]
+    assert [s.rows for s in m.at_version(1).split("train")] == [24, 24]
     assert m.at_version(3).shards == m.shards
-    assert m.at_version(1).version == 1 and m.at_version(1).shards["val"] == m.shards["val"]
+    assert m.at_version(1).version == 1 and m.at_version(1).split("val") == m.split("val")
     with pytest.raises(DataError, match=r"no dataset version 4 \(versions 1\.\.3\)"):
         m.at_version(4)
 
