@@ -37,6 +37,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bitlm.dataset_format import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    SPLITS,
+    DataError,
+    InputRecord,
+    Manifest,
+    RunRecord,
+    Shard,
+    codeword_dtype,
+    shard_path,
+    tokenizer_hash,
+)
 from pipeline.config import CONTENT_KEYS, InputSpec, PreprocessConfig
 from pipeline.dedup import PREFIX_BITS
 from pipeline.neardedup import signature_scheme
@@ -52,11 +65,10 @@ from pipeline.storage import (
     without_credentials,
 )
 from pipeline.tokenizer import build_code_table, eod_id_of, sample_order, train_bpe
-from pipeline.units import codeword_dtype, index_bands, index_rows, read_input, run_spec
+from pipeline.units import index_bands, index_rows, read_input, run_spec
 
 __all__ = ["FORMAT_VERSION", "PreprocessError", "read_manifest", "run_preprocess", "storage_for"]
 
-FORMAT_VERSION = 1
 KILL_ENV = "BITLM_PREPROCESS_KILL_AT"  # test hook: SIGKILL the driver at a named point
 
 
@@ -95,10 +107,16 @@ def _root(url: str) -> str:
     return url.rstrip("/") if is_s3(url) else os.path.abspath(url)
 
 
-def read_manifest(storage: Storage, root: str) -> dict[str, Any] | None:
-    if not storage.exists(f"{root}/manifest.json"):
+def read_manifest(storage: Storage, root: str) -> Manifest | None:
+    """The committed manifest of the dataset at ``root``; None when it has none (a new or an
+    unfinished dataset). A malformed one is a ``PreprocessError`` naming the file and the key."""
+    path = f"{root}/{MANIFEST_FILE}"
+    if not storage.exists(path):
         return None
-    return json.loads(storage.read_bytes(f"{root}/manifest.json"))
+    try:
+        return Manifest.from_json(storage.read_bytes(path), path, root)
+    except DataError as e:
+        raise PreprocessError(str(e)) from None
 
 
 def expand_path(path: str) -> str:
@@ -211,7 +229,7 @@ def _ensure_codec(
     storage: Storage,
     root: str,
     cfg: PreprocessConfig,
-    manifest: dict[str, Any] | None,
+    manifest: Manifest | None,
     files: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The dataset's codec facts; builds tokenizer.json and code_table.json on the first run."""
@@ -233,7 +251,7 @@ def _ensure_codec(
             "codeword_dtype": codeword_dtype(v).name,
             "eod_id": eod,
             "eod_code": eod if code is None else int(code[eod]),
-            "tokenizer_hash": hashlib.sha256(tok_text.encode()).hexdigest(),
+            "tokenizer_hash": tokenizer_hash(tok_text),
             "code_table_hash": table.hash,
             "code_table_kind": table.kind,
         }
@@ -244,7 +262,7 @@ def _ensure_codec(
             storage.read_bytes(f"{root}/code_table.json").decode(),
         )
         for k in ("tokenizer_hash", "code_table_hash"):
-            if f[k] != manifest[k]:
+            if f[k] != getattr(manifest, k):
                 raise PreprocessError(f"{root}: {k} does not match the manifest (dataset damaged)")
         return f
     marker = f"{root}/_work/codec.json"
@@ -426,21 +444,19 @@ def _unindexed(storage: Storage, root: str, new: list[dict[str, Any]]) -> list[s
     return [f["path"] for f in new if f["path"] not in paths[f["index"]]]
 
 
-def _committed_state(
-    manifest: dict[str, Any] | None,
-) -> tuple[list[dict[str, Any]], list[str]]:
+def _committed_state(manifest: Manifest | None) -> tuple[list[dict[str, Any]], list[str]]:
     """(the committed runs' dedup state records, index files to seed the state from): a dataset
     made before the state existed (no run has one) has its earlier runs' keys seeded once."""
-    runs = (manifest or {}).get("runs", [])
-    committed = [r["dedup"] for r in runs if "dedup" in r]
-    if committed or not runs:
+    runs = manifest.runs if manifest is not None else ()
+    committed = [r.dedup for r in runs if r.dedup is not None]
+    if committed or manifest is None or not runs:
         return committed, []
-    return [], list(dict.fromkeys(r["index"] for r in manifest["inputs"]))  # type: ignore[index]
+    return [], list(dict.fromkeys(r.index for r in manifest.inputs))
 
 
 # ---- the run -----------------------------------------------------------------------------------
-def _check_compatible(manifest: dict[str, Any], cfg: PreprocessConfig, root: str) -> None:
-    old = manifest.get("recipe", {})
+def _check_compatible(manifest: Manifest, cfg: PreprocessConfig, root: str) -> None:
+    old = manifest.recipe or {}
     new = cfg.content()
     defaults = PreprocessConfig().content()  # a key added later: older datasets had its default
     for k in CONTENT_KEYS:
@@ -450,7 +466,7 @@ def _check_compatible(manifest: dict[str, Any], cfg: PreprocessConfig, root: str
                 f"{root} was built with {k}={was!r}, this recipe has {k}={new[k]!r}: "
                 "a dataset keeps its content settings; write to a new output"
             )
-    scheme = manifest.get("near_dedup", {}).get("scheme")
+    scheme = (manifest.near_dedup or {}).get("scheme")
     if scheme is not None and scheme != signature_scheme():
         raise PreprocessError(
             f"{root} holds near_dedup signatures made with {scheme!r}; this install makes "
@@ -481,12 +497,12 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     manifest = read_manifest(storage, root)
     if manifest is not None:
         _check_compatible(manifest, cfg, root)
-    known = {r["path"]: r for r in (manifest or {}).get("inputs", [])}
+    known = {r.path: r for r in manifest.inputs} if manifest is not None else {}
     new = [_file_spec(f, s) for f, s in files if f.path not in known]
     changed = [
         f.path
         for f, _ in files
-        if f.path in known and (known[f.path]["size"], known[f.path]["mtime"]) != (f.size, f.mtime)
+        if f.path in known and (known[f.path].size, known[f.path].mtime) != (f.size, f.mtime)
     ]
     for p in changed:
         _log(f"WARNING: {p} changed since it was processed; it is NOT reprocessed")
@@ -519,7 +535,7 @@ def _run(
     cfg: PreprocessConfig,
     storage: Storage,
     root: str,
-    manifest: dict[str, Any] | None,
+    manifest: Manifest | None,
     new: list[dict[str, Any]],
     summary: dict[str, Any],
     t0: float,
@@ -543,7 +559,7 @@ def _run(
     codec = _ensure_codec(storage, root, cfg, manifest, new)
     lap("codec")
     _maybe_kill("after_codec")
-    run_no = len((manifest or {}).get("runs", [])) + 1
+    run_no = (len(manifest.runs) if manifest is not None else 0) + 1
     limits = asdict(cfg.limits)
     common = {
         "root": root,
@@ -677,8 +693,8 @@ def _run(
 
     _ray_map(cfg, encode_specs, "encode", got)
     for uid in sorted(set(unit_ids) - {uid for uid, _ in plan_units}):
-        for split in ("train", "val"):  # a unit none of whose files could be read
-            storage.remove_tree(f"{root}/shards/{split}/{uid}-00000.parquet")
+        for split in SPLITS:  # a unit none of whose files could be read
+            storage.remove_tree(f"{root}/{shard_path(split, uid)}")
     unit_ids = [uid for uid, _ in plan_units]
     lap("encode")
     _maybe_kill("before_manifest")
@@ -686,8 +702,7 @@ def _run(
     new_manifest = _build_manifest(
         cfg, manifest, codec, active, {"id": run_id, "parts": parts}, unit_ids, markers, skipped
     )
-    body = json.dumps(new_manifest, indent=1, sort_keys=True).encode() + b"\n"
-    storage.write_atomic(f"{root}/manifest.json", body)
+    storage.write_atomic(f"{root}/{MANIFEST_FILE}", new_manifest.to_json())
     _maybe_kill("after_manifest")
     _cleanup(storage, root, new_manifest)
     lap("commit")
@@ -697,7 +712,7 @@ def _run(
 
     for uid in unit_ids:
         merge_counters(counters, markers[uid].get("counters", {}))
-    run = new_manifest["runs"][-1]
+    run = new_manifest.runs[-1].to_dict()
     secs = time.perf_counter() - t0
     in_bytes = sum(f["size"] for f in new)
     summary.update(
@@ -712,7 +727,7 @@ def _run(
         run=run,
         dropped=run["dropped"],
         stages=counters,
-        totals=new_manifest["counts"],
+        totals=new_manifest.counts,
     )
     if cfg.progress:
         print(format_summary(summary), file=sys.stderr, flush=True)
@@ -721,17 +736,18 @@ def _run(
 
 def _build_manifest(
     cfg: PreprocessConfig,
-    old: dict[str, Any] | None,
+    old: Manifest | None,
     codec: dict[str, Any],
     new: list[dict[str, Any]],
     dedup: dict[str, Any],
     unit_ids: list[str],
     markers: dict[str, dict[str, Any]],
     skipped: dict[str, str],
-) -> dict[str, Any]:
-    shards = list((old or {}).get("shards", []))
-    inputs = list((old or {}).get("inputs", []))
-    runs = list((old or {}).get("runs", []))
+) -> Manifest:
+    """The manifest of the dataset after this run: the old records, and this run's appended."""
+    shards = list(old.shards) if old is not None else []
+    inputs = list(old.inputs) if old is not None else []
+    runs = list(old.runs) if old is not None else []
     run_no = len(runs) + 1
     unit_of = {}
     late: dict[str, dict[str, list[int]]] = {}
@@ -741,82 +757,87 @@ def _build_manifest(
             unit_of[p] = uid
         late.update(markers[uid].get("late_drops", {}))
         stats.update(markers[uid]["files"])
-        for s in markers[uid]["shards"]:
-            shards.append({**s, "run": run_no})
+        marker = f"{cfg.output}/_work/units/{uid}.json"
+        for i, s in enumerate(markers[uid]["shards"]):
+            shards.append(Shard.from_dict({**s, "run": run_no}, marker, f"shards[{i}]"))
     records = []
     for f in new:
         r = stats[f["path"]]
-        rec = {
-            "path": f["path"],
-            "size": f["size"],
-            "mtime": f["mtime"],
-            "format": f["format"],
-            "text_unit": f["text_unit"],
-            "text_field": f["text_field"],
-            "index": f["index"],
-            "unit": unit_of[f["path"]],
-            "run": run_no,
-            "docs": r["docs"],
-            "kept": r["kept"],
-            "duplicates": r["duplicates"],
-            "dropped": r["dropped"],
-        }
-        if f["path"] in late:  # positions dropped after the scan, replayed by verify
-            rec["late_drops"] = late[f["path"]]
-        records.append(rec)
+        records.append(
+            InputRecord(
+                path=f["path"],
+                size=f["size"],
+                mtime=f["mtime"],
+                format=f["format"],
+                text_unit=f["text_unit"],
+                text_field=f["text_field"],
+                index=f["index"],
+                unit=unit_of[f["path"]],
+                run=run_no,
+                docs=r["docs"],
+                kept=r["kept"],
+                duplicates=r["duplicates"],
+                dropped=r["dropped"],
+                # positions dropped after the scan, replayed by verify
+                late_drops=late.get(f["path"]),
+            )
+        )
     inputs.extend(records)
-    new_shards = [s for s in shards if s["run"] == run_no]
-    run_dropped: dict[str, int] = {}
-    for rec in records:
-        for k, v in rec["dropped"].items():
-            run_dropped[k] = run_dropped.get(k, 0) + v
+    new_shards = [s for s in shards if s.run == run_no]
     runs.append(
-        {
-            "run": run_no,
-            "files": len(new),
-            "units": len(unit_ids),
-            "shards": len(new_shards),
-            "docs": sum(r["docs"] for r in records),
-            "kept": sum(r["kept"] for r in records),
-            "duplicates": sum(r["duplicates"] for r in records),
-            "dropped": dict(sorted(run_dropped.items())),
-            "skipped": dict(sorted(skipped.items())),
-            "limits": asdict(cfg.limits),
-            "dedup": dedup,
-            "rows": sum(s["rows"] for s in new_shards),
-            "tokens": sum(s["tokens"] for s in new_shards),
-        }
+        RunRecord(
+            run=run_no,
+            files=len(new),
+            units=len(unit_ids),
+            shards=len(new_shards),
+            docs=sum(r.docs for r in records),
+            kept=sum(r.kept for r in records),
+            duplicates=sum(r.duplicates for r in records),
+            dropped=_sum_dropped(records),
+            skipped=dict(sorted(skipped.items())),
+            limits=asdict(cfg.limits),
+            dedup=dedup,
+            rows=sum(s.rows for s in new_shards),
+            tokens=sum(s.tokens or 0 for s in new_shards),
+        )
     )
-    dropped: dict[str, int] = {}
-    for rec in inputs:
-        for k, v in rec["dropped"].items():
-            dropped[k] = dropped.get(k, 0) + v
+
+    def total(key: str, split: str) -> int:
+        return sum(getattr(s, key) or 0 for s in shards if s.split == split)
+
     counts = {
         "files": len(inputs),
-        "docs": sum(r["docs"] for r in inputs),
-        "kept": sum(r["kept"] for r in inputs),
-        "duplicates": sum(r["duplicates"] for r in inputs),
-        "dropped": dict(sorted(dropped.items())),
-        "rows": {sp: sum(s["rows"] for s in shards if s["split"] == sp) for sp in ("train", "val")},
-        "tokens": {
-            sp: sum(s["tokens"] for s in shards if s["split"] == sp) for sp in ("train", "val")
-        },
-        "pad_tokens": sum(s["pad_tokens"] for s in shards),
+        "docs": sum(r.docs for r in inputs),
+        "kept": sum(r.kept for r in inputs),
+        "duplicates": sum(r.duplicates for r in inputs),
+        "dropped": _sum_dropped(inputs),
+        "rows": {sp: total("rows", sp) for sp in SPLITS},
+        "tokens": {sp: total("tokens", sp) for sp in SPLITS},
+        "pad_tokens": sum(s.pad_tokens or 0 for s in shards),
     }
-    return {
-        "format_version": FORMAT_VERSION,
-        "name": cfg.name,
-        "seq_len": cfg.seq_len,
-        "block_size": cfg.block_size,
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        name=cfg.name,
+        seq_len=cfg.seq_len,
+        block_size=cfg.block_size,
         **codec,
-        "recipe": cfg.recorded(),
-        "shards": shards,
-        "inputs": inputs,
-        "counts": counts,
-        "runs": runs,
-        "dedup_state": {"prefix_bits": PREFIX_BITS, "files": "dedup/<runs[].dedup.id>/<part>"},
-        **({"near_dedup": _near_record(cfg)} if cfg.near_dedup.enabled else {}),
-    }
+        recipe=cfg.recorded(),
+        shards=tuple(shards),
+        inputs=tuple(inputs),
+        counts=counts,
+        runs=tuple(runs),
+        dedup_state={"prefix_bits": PREFIX_BITS, "files": "dedup/<runs[].dedup.id>/<part>"},
+        near_dedup=_near_record(cfg) if cfg.near_dedup.enabled else None,
+    )
+
+
+def _sum_dropped(records: list[InputRecord]) -> dict[str, int]:
+    """The drop counts of ``records`` added up, by reason (sorted)."""
+    dropped: dict[str, int] = {}
+    for rec in records:
+        for k, v in rec.dropped.items():
+            dropped[k] = dropped.get(k, 0) + v
+    return dict(sorted(dropped.items()))
 
 
 def _near_record(cfg: PreprocessConfig) -> dict[str, Any]:
@@ -826,7 +847,7 @@ def _near_record(cfg: PreprocessConfig) -> dict[str, Any]:
     return {**asdict(b), "scheme": signature_scheme()}
 
 
-def _cleanup(storage: Storage, root: str, manifest: dict[str, Any] | None) -> None:
+def _cleanup(storage: Storage, root: str, manifest: Manifest | None) -> None:
     """Drop ``_work/``, state files of uncommitted attempts and, locally, temp files of killed
     writers."""
     storage.remove_tree(f"{root}/_work")

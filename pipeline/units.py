@@ -12,8 +12,9 @@ marker, so a killed run that is rerun finds the finished units and redoes only t
   the ``bands`` keys with near_dedup; <key> hashes the run number, the limits, the near_dedup
   banding and the files' paths, sizes and mtimes), whose presence is the marker.
 - encode: the staged documents less the (near) duplicates the dedup tasks found -> pack ->
-  write ``shards/<split>/<unit>-00000.parquet`` (and optional ``rejects/<unit>.jsonl.gz``), then
-  the marker ``_work/units/<unit>.json`` with each file's counts.
+  write ``shards/<split>/<unit>-00000.parquet`` (``bitlm.dataset_format.shard_path``) and
+  optionally ``rejects/<unit>.jsonl.gz``, then the marker ``_work/units/<unit>.json`` with each
+  file's counts.
 
 Bad content never fails a unit (readers and steps turn it into counted drops). A file whose bytes
 cannot be fetched (``InputUnreadable``) is *skipped*: it has no index rows, the result names it
@@ -22,7 +23,8 @@ again. A document that tokenise, encode or split lose (``tokenise_error``, ``enc
 ``split_error``) is a *late drop*: the index keeps it (it takes part in dedup as at scan time),
 the encode marker lists its position under ``late_drops``, and verify replays it.
 
-This module must not import torch (workers stay light): code words are looked up with numpy.
+This module must not import torch (workers stay light): code words are looked up with numpy, and
+``bitlm.dataset_format`` (names, the code table's id -> code map) is a torch-free leaf.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import contextlib
 import gzip
 import io
 import json
-import math
 import time
 from typing import Any
 
@@ -40,6 +41,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bitlm.dataset_format import (
+    CODE_TABLE_FILE,
+    SPLITS,
+    TOKENIZER_FILE,
+    code_of_id,
+    codeword_dtype,
+    shard_path,
+)
 from pipeline.dedup import EXACT, NEAR, doc_keys, keys_table_bytes, read_hits, resolve_part
 from pipeline.neardedup import Banding
 from pipeline.readers import InputUnreadable, read_documents
@@ -61,7 +70,6 @@ from pipeline.steps import (
 from pipeline.storage import Storage, with_env_credentials
 
 __all__ = [
-    "codeword_dtype",
     "encode_unit",
     "index_bands",
     "index_rows",
@@ -72,15 +80,6 @@ __all__ = [
 ]
 
 _CACHE: dict[str, Any] = {}
-
-
-def codeword_dtype(vocab_size: int) -> np.dtype:
-    """Smallest unsigned dtype holding B = ceil(log2 V) bits (as ``BitCodec.codeword_dtype``)."""
-    bits = max(1, math.ceil(math.log2(vocab_size)))
-    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
-        if bits <= np.iinfo(dt).bits:
-            return np.dtype(dt)
-    raise ValueError(f"vocab_size {vocab_size} too large")
 
 
 def read_input(storage: Storage, f: dict[str, Any], limits: dict[str, Any] | None) -> Batch:
@@ -320,13 +319,11 @@ def _dataset_codec(storage: Storage, root: str, tok_hash: str) -> tuple[Any, np.
     if key not in _CACHE:
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_str(storage.read_bytes(f"{root}/tokenizer.json").decode())
-        table = json.loads(storage.read_bytes(f"{root}/code_table.json"))
-        v = int(table["vocab_size"])
-        code = table["code_of_id"]
-        code_of_id = np.arange(v, dtype=np.int64) if code is None else np.asarray(code, np.int64)
+        tok = Tokenizer.from_str(storage.read_bytes(f"{root}/{TOKENIZER_FILE}").decode())
+        path = f"{root}/{CODE_TABLE_FILE}"
+        codes = code_of_id(storage.read_bytes(path).decode(), path)
         _CACHE.clear()
-        _CACHE[key] = (tok, code_of_id)
+        _CACHE[key] = (tok, codes)
     return _CACHE[key]
 
 
@@ -426,8 +423,8 @@ def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
     packer = Packer(spec["seq_len"], int(spec["eod_code"]), dtype)
     inputs = [f["path"] for f in meta["files"]]
     shards = []
-    for name in ("train", "val"):
-        path = f"shards/{name}/{unit}-00000.parquet"
+    for name in SPLITS:
+        path = shard_path(name, unit)
         if not docs[name]:
             storage.remove_tree(f"{root}/{path}")  # left by an attempt that had more documents
             continue

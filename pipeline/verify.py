@@ -14,13 +14,22 @@ keys are computed again from the text and must equal the index's.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import numpy as np
 
-from pipeline.driver import IndexReader, _root, read_manifest, storage_for
+from bitlm.dataset_format import (
+    CODE_TABLE_FILE,
+    MANIFEST_FILE,
+    SPLITS,
+    TOKENIZER_FILE,
+    DataError,
+    Manifest,
+    code_of_id,
+    shard_dir,
+    tokenizer_hash,
+)
+from pipeline.driver import IndexReader, PreprocessError, _root, read_manifest, storage_for
 from pipeline.neardedup import Banding, near_duplicates
 from pipeline.shards import decode_shard, sha256_hex
 from pipeline.steps import (
@@ -42,13 +51,10 @@ __all__ = ["decode_dataset", "verify"]
 def _codec(storage: Any, root: str) -> tuple[Any, np.ndarray, str, str]:
     from tokenizers import Tokenizer
 
-    tok_text = storage.read_bytes(f"{root}/tokenizer.json").decode()
-    table_text = storage.read_bytes(f"{root}/code_table.json").decode()
-    table = json.loads(table_text)
-    v = int(table["vocab_size"])
-    code = table["code_of_id"]
-    code_of_id = np.arange(v) if code is None else np.asarray(code, dtype=np.int64)
-    return Tokenizer.from_str(tok_text), code_of_id, tok_text, table_text
+    tok_text = storage.read_bytes(f"{root}/{TOKENIZER_FILE}").decode()
+    table_text = storage.read_bytes(f"{root}/{CODE_TABLE_FILE}").decode()
+    codes = code_of_id(table_text, f"{root}/{CODE_TABLE_FILE}")
+    return Tokenizer.from_str(tok_text), codes, tok_text, table_text
 
 
 def decode_dataset(dataset: str, split: str = "train") -> list[str]:
@@ -57,15 +63,13 @@ def decode_dataset(dataset: str, split: str = "train") -> list[str]:
     storage = storage_for(root)
     manifest = read_manifest(storage, root)
     if manifest is None:
-        raise FileNotFoundError(f"{root}/manifest.json")
-    tok, code_of_id, _, _ = _codec(storage, root)
-    id_of_code = np.argsort(code_of_id)
+        raise FileNotFoundError(f"{root}/{MANIFEST_FILE}")
+    tok, codes_of_ids, _, _ = _codec(storage, root)
+    id_of_code = np.argsort(codes_of_ids)
     out = []
-    for s in manifest["shards"]:
-        if s["split"] != split:
-            continue
-        codes, starts = decode_shard(storage.read_bytes(f"{root}/{s['path']}"))
-        for d in unpack(codes, starts, manifest["eod_code"]):
+    for s in manifest.split(split):
+        codes, starts = decode_shard(storage.read_bytes(f"{root}/{s.path}"))
+        for d in unpack(codes, starts, manifest.eod_code):
             out.append(
                 tok.decode(id_of_code[d.astype(np.int64)].tolist(), skip_special_tokens=False)
             )
@@ -78,62 +82,69 @@ def verify(dataset: str, sample_units: int = 2) -> dict[str, Any]:
     storage = storage_for(root)
     errors: list[str] = []
     warnings: list[str] = []
-    manifest = read_manifest(storage, root)
-    if manifest is None:
-        return {"ok": False, "errors": [f"{root}: no manifest.json (unfinished or not a dataset)"]}
-    tok, code_of_id, tok_text, table_text = _codec(storage, root)
+    try:
+        manifest = read_manifest(storage, root)
+        if manifest is None:
+            return {
+                "ok": False,
+                "errors": [f"{root}: no {MANIFEST_FILE} (unfinished or not a dataset)"],
+            }
+        tok, codes_of_ids, tok_text, table_text = _codec(storage, root)
+    except (PreprocessError, DataError) as e:  # a malformed manifest or code table
+        return {"ok": False, "errors": [str(e)]}
     from bitlm.codec import CodeTable
 
-    if hashlib.sha256(tok_text.encode()).hexdigest() != manifest["tokenizer_hash"]:
-        errors.append("tokenizer.json: sha256 differs from the manifest")
-    if CodeTable.from_json(table_text).hash != manifest["code_table_hash"]:
-        errors.append("code_table.json: hash differs from the manifest")
-    V, L, eod = manifest["vocab_size"], manifest["seq_len"], manifest["eod_code"]
-    if len(code_of_id) != V:
-        errors.append(f"code table has {len(code_of_id)} entries, manifest V={V}")
+    if tokenizer_hash(tok_text) != manifest.tokenizer_hash:
+        errors.append(f"{TOKENIZER_FILE}: sha256 differs from the manifest")
+    if CodeTable.from_json(table_text).hash != manifest.code_table_hash:
+        errors.append(f"{CODE_TABLE_FILE}: hash differs from the manifest")
+    V, L, eod = manifest.vocab_size, manifest.seq_len, manifest.eod_code
+    if len(codes_of_ids) != V:
+        errors.append(f"code table has {len(codes_of_ids)} entries, manifest V={V}")
     decoded: dict[str, list[np.ndarray]] = {}
     rows = tokens = 0
-    for s in manifest["shards"]:
-        path = f"{root}/{s['path']}"
+    for s in manifest.shards:
         try:
-            data = storage.read_bytes(path)
+            data = storage.read_bytes(f"{root}/{s.path}")
         except (OSError, FileNotFoundError):
-            errors.append(f"{s['path']}: missing")
+            errors.append(f"{s.path}: missing")
             continue
-        if sha256_hex(data) != s["sha256"] or len(data) != s["bytes"]:
-            errors.append(f"{s['path']}: checksum or size differs from the manifest")
+        if sha256_hex(data) != s.sha256 or len(data) != s.bytes:
+            errors.append(f"{s.path}: checksum or size differs from the manifest")
             continue
         codes, starts = decode_shard(data)
-        if codes.dtype.name != manifest["codeword_dtype"]:
-            errors.append(f"{s['path']}: dtype {codes.dtype} != {manifest['codeword_dtype']}")
-        if codes.shape[0] != s["rows"] or codes.size != s["tokens"] or codes.shape[1:] != (L,):
-            errors.append(f"{s['path']}: shape {codes.shape} does not match rows/tokens/seq_len")
+        if codes.dtype.name != manifest.codeword_dtype:
+            errors.append(f"{s.path}: dtype {codes.dtype} != {manifest.codeword_dtype}")
+        if codes.shape[0] != s.rows or codes.size != s.tokens or codes.shape[1:] != (L,):
+            errors.append(f"{s.path}: shape {codes.shape} does not match rows/tokens/seq_len")
             continue
         if codes.size and int(codes.max()) >= V:
-            errors.append(f"{s['path']}: code word {int(codes.max())} >= V={V}")
+            errors.append(f"{s.path}: code word {int(codes.max())} >= V={V}")
         if any(not (0 <= x < L) for row in starts for x in row) or any(
             row != sorted(row) for row in starts
         ):
-            errors.append(f"{s['path']}: doc_starts out of range or unsorted")
+            errors.append(f"{s.path}: doc_starts out of range or unsorted")
             continue
         docs = unpack(codes, starts, eod)
-        if len(docs) != s["docs"]:
-            errors.append(f"{s['path']}: {len(docs)} documents, manifest says {s['docs']}")
-        decoded[s["path"]] = docs
-        rows += s["rows"]
-        tokens += s["tokens"]
-    listed = {s["path"] for s in manifest["shards"]}
-    for split in ("train", "val"):
-        for name in storage.list_names(f"{root}/shards/{split}"):
-            if f"shards/{split}/{name}" not in listed:
-                warnings.append(f"shards/{split}/{name}: not in the manifest (ignored by readers)")
+        if len(docs) != s.docs:
+            errors.append(f"{s.path}: {len(docs)} documents, manifest says {s.docs}")
+        decoded[s.path] = docs
+        rows += s.rows
+        tokens += s.tokens or 0
+    listed = {s.path for s in manifest.shards}
+    for split in SPLITS:
+        for name in storage.list_names(f"{root}/{shard_dir(split)}"):
+            if f"{shard_dir(split)}/{name}" not in listed:
+                warnings.append(
+                    f"{shard_dir(split)}/{name}: not in the manifest (ignored by readers)"
+                )
     checked = _decode_sample(
-        storage, root, manifest, tok, code_of_id, decoded, sample_units, errors, warnings
+        storage, root, manifest, tok, codes_of_ids, decoded, sample_units, errors, warnings
     )
     return {
         "ok": not errors,
         "dataset": root,
-        "shards": len(manifest["shards"]),
+        "shards": len(manifest.shards),
         "rows": rows,
         "tokens": tokens,
         "sample_units": checked,
@@ -145,7 +156,7 @@ def verify(dataset: str, sample_units: int = 2) -> dict[str, Any]:
 def _decode_sample(
     storage: Any,
     root: str,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     tok: Any,
     code_of_id: np.ndarray,
     decoded: dict[str, list[np.ndarray]],
@@ -154,10 +165,13 @@ def _decode_sample(
     warnings: list[str],
 ) -> list[str]:
     units: list[str] = []
-    for rec in manifest["inputs"]:
-        if rec["unit"] is not None and rec["unit"] not in units:
-            units.append(rec["unit"])
-    near_cfg = manifest["recipe"].get("near_dedup", {})
+    for rec in manifest.inputs:
+        if rec.unit is not None and rec.unit not in units:
+            units.append(rec.unit)
+    if manifest.recipe is None:
+        errors.append(f"{MANIFEST_FILE}: no recipe, so no document can be replayed")
+        return []
+    near_cfg = manifest.recipe.get("near_dedup", {})
     banding = (
         Banding(near_cfg["num_perm"], near_cfg["bands"], near_cfg["rows"], near_cfg["ngram"])
         if near_cfg.get("enabled")
@@ -170,24 +184,24 @@ def _decode_sample(
         units[i] for i in sorted({round(k * (len(units) - 1) / max(1, n - 1)) for k in range(n)})
     ]
     id_of_code = np.argsort(code_of_id)
-    flt = manifest["recipe"]["filters"]
-    split = SplitByHash(manifest["recipe"]["val_fraction"])
+    flt = manifest.recipe["filters"]
+    split = SplitByHash(manifest.recipe["val_fraction"])
     seen: set[bytes] = set()
     want = set(pick)
-    expected: dict[str, dict[str, list[str]]] = {u: {"train": [], "val": []} for u in pick}
+    expected: dict[str, dict[str, list[str]]] = {u: {sp: [] for sp in SPLITS} for u in pick}
     reader = IndexReader(storage, root)
     is_near = np.zeros(0, bool)
     if banding is not None:  # the LSH lookup over the whole dataset, in manifest order
-        parts = [reader.bands(rec["index"], rec["path"]) for rec in manifest["inputs"]]
+        parts = [reader.bands(rec.index, rec.path) for rec in manifest.inputs]
         keys = np.concatenate([np.zeros(0, np.uint64), *(k for k, _ in parts)])
         is_near = near_duplicates(
             keys, np.concatenate([np.zeros(0, np.int64), *(n for _, n in parts)])
         )
     off = 0
     # limits of the run that read each file; None (no caps) for runs recorded before limits
-    limits_of = {r["run"]: r.get("limits") for r in manifest.get("runs", [])}
-    for rec in manifest["inputs"]:
-        positions, hashes, _ = reader.rows(rec["index"], rec["path"])
+    limits_of = {r.run: r.limits for r in manifest.runs}
+    for rec in manifest.inputs:
+        positions, hashes, _ = reader.rows(rec.index, rec.path)
         hits = is_near[off : off + len(positions)] if banding else np.zeros(len(positions), bool)
         off += len(positions)
         dups, near = [], []
@@ -199,24 +213,22 @@ def _decode_sample(
             elif hit:
                 near.append(pos)
             seen.add(h)
-        if len(near) != rec["dropped"].get("near_duplicate", 0):
+        if len(near) != rec.dropped.get("near_duplicate", 0):
             errors.append(
-                f"{rec['path']}: {len(near)} near duplicates in the index, manifest says "
-                f"{rec['dropped'].get('near_duplicate', 0)}"
+                f"{rec.path}: {len(near)} near duplicates in the index, manifest says "
+                f"{rec.dropped.get('near_duplicate', 0)}"
             )
-        if rec["unit"] not in want:
+        if rec.unit not in want:
             continue
         try:
-            if storage.size(rec["path"]) != rec["size"]:
-                warnings.append(
-                    f"{rec['path']}: input changed since it was processed, check skipped"
-                )
-                want.discard(rec["unit"])
+            if storage.size(rec.path) != rec.size:
+                warnings.append(f"{rec.path}: input changed since it was processed, check skipped")
+                want.discard(rec.unit)
                 continue
-            batch = read_input(storage, rec, limits_of.get(rec.get("run")))
+            batch = read_input(storage, rec.to_dict(), limits_of.get(rec.run))
         except Exception:  # InputUnreadable, or the storage failing on size()
-            warnings.append(f"{rec['path']}: input unreadable, decode check skipped")
-            want.discard(rec["unit"])
+            warnings.append(f"{rec.path}: input unreadable, decode check skipped")
+            want.discard(rec.unit)
             continue
         steps = [
             *scan_steps(flt["max_control_fraction"], flt["min_chars"], flt["max_chars"]),
@@ -228,39 +240,39 @@ def _decode_sample(
                 (b or ()) if r is None else ()
                 for b, r in zip(batch["bands"], batch["reason"], strict=True)
             ]
-            keys, lens = reader.bands(rec["index"], rec["path"])
+            keys, lens = reader.bands(rec.index, rec.path)
             if [len(b) for b in got] != lens.tolist() or [
                 k for b in got for k in b
             ] != keys.tolist():
-                errors.append(f"{rec['path']}: LSH band keys in the index differ from the text's")
+                errors.append(f"{rec.path}: LSH band keys in the index differ from the text's")
         steps = [
             MarkDuplicates(dups),
             MarkNearDuplicates(near),
-            *(MarkDropped(pos, r) for r, pos in sorted(rec.get("late_drops", {}).items())),
+            *(MarkDropped(pos, r) for r, pos in sorted((rec.late_drops or {}).items())),
             split,
         ]
         batch = run_steps(steps, batch)
         for i in alive(batch):
-            expected[rec["unit"]][batch["split"][i]].append(batch["text"][i])
+            expected[rec.unit][batch["split"][i]].append(batch["text"][i])
     checked = []
     for u in pick:
         if u not in want:
             continue
-        for s in manifest["shards"]:
-            if s["unit"] != u or s["path"] not in decoded:
+        for s in manifest.shards:
+            if s.unit != u or s.path not in decoded:
                 continue
             got = [
                 tok.decode(id_of_code[d.astype(np.int64)].tolist(), skip_special_tokens=False)
-                for d in decoded[s["path"]]
+                for d in decoded[s.path]
             ]
-            exp = expected[u][s["split"]]
+            exp = expected[u][s.split]
             if got != exp:
                 bad = next(
                     (i for i, (a, b) in enumerate(zip(got, exp, strict=False)) if a != b),
                     min(len(got), len(exp)),
                 )
                 errors.append(
-                    f"{s['path']}: decoded documents differ from the input at document {bad} "
+                    f"{s.path}: decoded documents differ from the input at document {bad} "
                     f"({len(got)} decoded, {len(exp)} expected)"
                 )
         checked.append(u)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from bitlm.dataset_format import codeword_dtype
 from pipeline.readers import decompress, read_documents
 from pipeline.shards import decode_shard, encode_shard
 from pipeline.steps import (
@@ -30,7 +31,6 @@ from pipeline.steps import (
     scan_steps,
     unpack,
 )
-from pipeline.units import codeword_dtype
 
 
 def scan(data: bytes, name: str, fmt: str = "auto", unit: str = "line", field: str = "text"):
