@@ -73,6 +73,12 @@ class ModelConfig:
     # staggered per-slot noise (0: one t per block, the paper's): t_j = clamp(tau - s (m-1-j)),
     # in training and sampling, so each slot is learned given partly revealed predecessors
     slot_stagger: float = 0.0
+    # staggered per-bit noise inside each code (0: one t for all bits, the paper's): the head's
+    # t is a schedule position tau and bit k (most significant first) is at
+    # t_k = clamp(tau (1 + s (B-1)) - s (B-1-k), 0, 1), so the high bits are denoised before the
+    # low ones; with a semantic code table this decodes coarse-to-fine, like a hierarchical
+    # softmax over the code tree, in the same K steps (each bit moves in 1/(1 + s (B-1)) of them)
+    bit_stagger: float = 0.0
     slot_loss_decay: float = 1.0  # weight slot j of the loss by decay^j (1: equal)
     # slot curriculum (0, 0: off, the paper's): slots 1..m-1 enter the loss with weight 0 until
     # training step slot_ramp_start, rising linearly to 1 at slot_ramp_end; slot 0 (next-token
@@ -188,6 +194,10 @@ class ModelConfig:
                 "model.slot_prefix cannot be combined with slot_stagger or known_prefix_prob "
                 "(its slots are denoised one at a time, each from its own noise)"
             )
+        if not 0.0 <= self.bit_stagger <= 1.0:
+            raise ValueError("model.bit_stagger must be in [0, 1]")
+        if self.bit_stagger and (self.slot_stagger or self.loss == "v_loss"):
+            raise ValueError("model.bit_stagger cannot be combined with slot_stagger or v_loss")
         if not 0.0 <= self.slot_stagger <= 1.0:
             raise ValueError("model.slot_stagger must be in [0, 1]")
         if self.slot_stagger > 0 and (self.time_min, self.time_max) != (0.0, 1.0):

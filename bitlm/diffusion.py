@@ -97,6 +97,7 @@ def euler_sample(
     stagger: float = 0.0,
     commit: float = 1.0,
     eta: float = 0.0,
+    bit_stagger: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """K Euler steps of the probability-flow ODE from x_1 ~ N(0, temperature^2 I) to t = 0:
     x <- x + (t_next - t) (x - x0_hat) / t. Returns (the continuous x_0 [R, m, B], the head
@@ -110,7 +111,9 @@ def euler_sample(
     with the same sign as at the previous evaluation jumps to x = x0_hat (t = 0) and is frozen;
     only the rows still running are evaluated, and the loop ends when every row is done.
     commit = 1 (the default) is the fixed-K sampler.
-    eta > 0: stochastic steps (ddim_step); eta = 0 is the Euler step above."""
+    eta > 0: stochastic steps (ddim_step); eta = 0 is the Euler step above.
+    bit_stagger > 0: the K steps run over schedule positions (what x0_fn is given); each bit
+    steps between its own times (slot_times over the B bits, DiffusionHead.bit_times)."""
     x = torch.randn(shape, device=device, generator=generator, dtype=torch.float32) * temperature
     x = x.to(dtype)
     if known is not None:
@@ -131,6 +134,10 @@ def euler_sample(
             t = slot_times(taus[i], m, stagger).to(dtype)[:, None]  # [m, 1]
             t_next = slot_times(taus[i + 1], m, stagger).to(dtype)[:, None]
             tt = t[:, 0].expand(shape[0], m)  # [R, m]
+        if bit_stagger > 0:  # per-bit times [B] of this step's two schedule positions
+            bspan = 1 + bit_stagger * (shape[-1] - 1)
+            t = slot_times(t * bspan, shape[-1], bit_stagger).to(dtype)
+            t_next = slot_times(t_next * bspan, shape[-1], bit_stagger).to(dtype)
         if known is not None:
             x = torch.where(km, (1 - t) * known + t * known_noise, x)
         if commit < 1.0 and done.any():  # evaluate the blocks still running only
@@ -142,7 +149,7 @@ def euler_sample(
             x0 = x0_fn(x, tt, x_sc, None)
         evals += ~done
         x_sc = x0 if self_conditioning else None
-        # slots already clean (t = 0) or not started (t = t_next = 1) do not move
+        # slots (bits) already clean (t = 0) or not started (t = t_next = 1) do not move
         step = x + (t_next - t) * (x - x0) / t.clamp_min(1e-6)
         if eta > 0:
             z = torch.randn(shape, device=device, generator=generator).to(dtype) * temperature

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .codec import BitCodec, words_to_bits
 from .config import ModelConfig
-from .diffusion import diffusion_loss, euler_sample
+from .diffusion import diffusion_loss, euler_sample, slot_times
 
 __all__ = [
     "AdaLNBlock",
@@ -50,9 +50,10 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0) 
 
 def posterior_skip(x_t: Tensor, t: Tensor, limit: float = 30.0) -> Tensor:
     """Half the log-odds that bit k is +1 given x_t,k alone, for a uniform bit under
-    x_t = (1 - t) x0 + t eps: (1 - t) x_t / t^2 [R, m, B] (t [R] or [R, m]), clamped to
+    x_t = (1 - t) x0 + t eps: (1 - t) x_t / t^2 [R, m, B] (t [R], [R, m] or per bit), clamped to
     +-limit (tanh is 1 to float precision there), so tanh of it is E[x0 | x_t]."""
-    tt = (t[:, None, None] if t.dim() == 1 else t[..., None]).to(x_t.dtype)
+    tt = t if t.dim() == x_t.dim() else (t[:, None, None] if t.dim() == 1 else t[..., None])
+    tt = tt.to(x_t.dtype)
     return ((1 - tt) * x_t / tt.square().clamp_min(1e-12)).clamp(-limit, limit)
 
 
@@ -158,8 +159,8 @@ class DiffusionHead(nn.Module):
             return self.force_fused
         if not (x.is_cuda and self.cfg.fused_head) or self.cfg.slot_prefix:
             return False  # the kernels implement the slot attention of slot_prefix=0 only
-        if self.cfg.head_posterior_skip:
-            return False  # nor the posterior skip
+        if self.cfg.head_posterior_skip or self.cfg.bit_stagger:
+            return False  # nor the posterior skip or per-bit times
         # The kernels want one dtype throughout (bf16 or fp32 parameters, as DeepSpeed's bf16
         # mode gives), and read weights outside their module's forward, which ZeRO-3's gather
         # hooks would not see (its partitioned parameters carry ds_id): reference path then.
@@ -190,7 +191,7 @@ class DiffusionHead(nn.Module):
     ) -> Tensor:
         """The PyTorch definition of the head (source of truth for the kernels); squash=False
         returns the pre-tanh output."""
-        skip = posterior_skip(x_t, t) if self.cfg.head_posterior_skip else None
+        skip = posterior_skip(x_t, self.bit_times(t)) if self.cfg.head_posterior_skip else None
         if self.cfg.self_conditioning:
             x_t = torch.cat([x_t, torch.zeros_like(x_t) if x_sc is None else x_sc], dim=-1)
         y = self.condition(h, t)
@@ -204,15 +205,27 @@ class DiffusionHead(nn.Module):
         return torch.tanh(out) if (squash and self.cfg.head_squash) else out
 
     # ---- training: noising and loss from integer code words ----------------------------------
+    def bit_times(self, t: Tensor) -> Tensor:
+        """The times of the bits at schedule position t [R] or [R, m]: t itself, or with
+        bit_stagger s the per-bit times [R, 1, B] or [R, m, B] (slot_times over the bits, the
+        most significant least noisy)."""
+        s, B = self.cfg.bit_stagger, self.cfg.num_bits
+        if s == 0:
+            return t
+        tb = slot_times(t * (1 + s * (B - 1)), B, s).to(t.dtype)
+        return tb[:, None, :] if t.dim() == 1 else tb
+
     def noise(self, words: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x_t = (1 - t) bits(words) + t eps. words [R, m] int, t [R] or [R, m],
-        eps [R, m, B] -> x_t."""
+        """x_t = (1 - t) bits(words) + t eps. words [R, m] int, t [R] or [R, m] (schedule
+        positions: bit_times), eps [R, m, B] -> x_t."""
         if t.dim() == 1 and self.use_fused(eps):
             from .kernels.bits import noise_bits
 
             return noise_bits(words, t, eps)
         x0 = words_to_bits(words, eps.shape[-1], eps.dtype)
-        tt = t[:, None, None] if t.dim() == 1 else t[..., None]
+        tt = self.bit_times(t)
+        if tt.dim() < 3:
+            tt = tt[:, None, None] if t.dim() == 1 else tt[..., None]
         return (1 - tt) * x0 + tt * eps
 
     def loss(
@@ -300,6 +313,7 @@ class DiffusionHead(nn.Module):
             stagger=self.cfg.slot_stagger,
             commit=commit,
             eta=eta,
+            bit_stagger=self.cfg.bit_stagger,
         )
         self.sample_evals += int(evals.sum())
         return codec.repair(x), x
