@@ -22,7 +22,6 @@ __all__ = [
     "MlflowConfig",
     "OptimConfig",
     "ScheduleConfig",
-    "TestHooks",
     "TrainRecipe",
     "load_train_recipe",
 ]
@@ -108,18 +107,6 @@ class FailureConfig:
 
 
 @dataclass
-class TestHooks:
-    """Fault injection and tracing for tests; all off by default."""
-
-    nan_at_step: int = 0  # make the loss NaN at this step (1-based); 0: off
-    nan_grad_steps: list[int] = field(default_factory=list)  # NaN gradients, finite loss
-    kill_rank: int = -1  # SIGKILL this rank ...
-    kill_at_step: int = 0  # ... before this step, on an attempt that started from scratch
-    index_log: str = ""  # directory: each rank appends its consumed sample indices (JSONL)
-    stop_after_steps: int = 0  # end this launch after this many steps (checkpointing first)
-
-
-@dataclass
 class TrainRecipe:
     """Everything a pre-training run needs. Batch sizes are in sequences; the global batch is
     fixed, so the sample order does not depend on the number of workers."""
@@ -134,7 +121,6 @@ class TrainRecipe:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
-    test: TestHooks = field(default_factory=TestHooks)
     steps: int = 1000  # optimizer steps
     global_batch_size: int = 32  # sequences per optimizer step, all workers together
     micro_batch_size: int = 4  # sequences per forward/backward on one worker
@@ -248,7 +234,7 @@ class TrainRecipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def flat_params(self) -> dict[str, str]:
-        """Dotted key -> string, for MLflow params (the test hooks are left out)."""
+        """Dotted key -> string, for MLflow params."""
         out: dict[str, str] = {}
 
         def walk(prefix: str, node: Any) -> None:
@@ -258,9 +244,7 @@ class TrainRecipe:
             else:
                 out[prefix.rstrip(".")] = str(node)
 
-        d = self.to_dict()
-        d.pop("test")
-        walk("", d)
+        walk("", self.to_dict())
         return out
 
 

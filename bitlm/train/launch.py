@@ -17,10 +17,10 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..checkpoint import latest_complete
 from ..dataset_format import DataError, Manifest
@@ -35,6 +35,7 @@ from ..tracking import (
 )
 from .config import TrainRecipe
 from .data import open_fs, select_version
+from .trainer import Callback
 from .worker import FATAL_FILE, RunInfo, train_worker
 
 log = logging.getLogger("bitlm.train")
@@ -127,9 +128,12 @@ def _read_fatal(recipe: TrainRecipe, name: str, remove: bool = False) -> dict | 
 
 
 def run(
-    recipe: TrainRecipe, on_start: Callable[[Started], Companion | None] | None = None
+    recipe: TrainRecipe,
+    on_start: Callable[[Started], Companion | None] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
-    """Train (or resume) the run ``recipe.name``, with ``on_start``'s companion beside it.
+    """Train (or resume) the run ``recipe.name``, with ``on_start``'s companion beside it and
+    ``callbacks`` added to every worker's trainer (they travel to the workers pickled).
     Raises TrainingAborted on a non-retryable stop, ray.train's TrainingFailedError when the
     failure budget is spent."""
     if not recipe.name:
@@ -185,8 +189,15 @@ def run(
         params_synced=synced,
         dataset_version=man.version,  # every rank (and every restart of this launch) agrees
     )
+    loop: Callable[[dict[str, Any]], None] = train_worker
+    if callbacks:
+        added = tuple(callbacks)
+
+        def loop(info: dict[str, Any]) -> None:
+            train_worker(info, callbacks=added)
+
     trainer = TorchTrainer(
-        train_worker,
+        loop,
         train_loop_config=asdict(info),
         scaling_config=ScalingConfig(
             num_workers=recipe.num_workers,

@@ -1,10 +1,10 @@
-"""The per-worker training loop: one DeepSpeed engine per Ray Train worker.
+"""Each Ray Train worker's set-up: one DeepSpeed engine, resume, then the trainer's loop
+(bitlm/train/trainer.py) with the production callbacks (bitlm/train/callbacks.py) and any the
+caller adds (``train_worker(..., callbacks=)``; the tests' fault injection).
 
-Exactness: the objective's noise comes from a generator seeded by (seed, step, rank, micro-batch)
-and the batch from the data position, so a resumed run recomputes exactly what an uninterrupted
-run would. Fatal conditions (NaN/inf loss, loss spike, changed data) are not exceptions for
-Ray's retry logic: every rank stops at the same step, rank 0 writes ``_fatal.json`` into the
-run folder, and the driver raises ``TrainingAborted`` (see launch.py).
+Fatal conditions (NaN/inf loss, loss spike, changed data) are not exceptions for Ray's retry
+logic: every rank stops at the same step, rank 0 writes ``_fatal.json`` into the run folder, and
+the driver raises ``TrainingAborted`` (see launch.py).
 
 Non-finite steps (a NaN/inf loss or gradient norm) are not fatal by themselves: DeepSpeed skips
 their update, so the weights stay finite; ``NonFiniteGuard`` counts them (logged as
@@ -14,20 +14,15 @@ their update, so the weights stay finite; ``NonFiniteGuard`` counts them (logged
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
 import json
 import logging
-import math
 import os
 import shutil
-import signal
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,17 +36,37 @@ from ..checkpoint import (
     path_of,
     prune,
     read_state,
-    write_state,
 )
 from ..dataset_format import DataError, Manifest
 from ..model import BitLM
 from ..recipe import from_dict
 from ..safeload import UnsafeCheckpointError, weights_only_loads
+from .callbacks import (
+    CheckpointCallback,
+    EvalCallback,
+    MetricsCallback,
+    MLflowCallback,
+    NonFiniteCallback,
+    SpikeCallback,
+)
 from .config import TrainRecipe
-from .data import Dataset, open_fs, rank_positions, select_version
+from .data import Dataset, open_fs, select_version
+from .trainer import (
+    Callback,
+    FatalTrainingError,
+    NonFiniteGuard,
+    Session,
+    Trainer,
+    TrainerState,
+    import_deepspeed,
+    lr_at,
+    noise_seed,
+)
 
 log = logging.getLogger("bitlm.train")
 
+# FatalTrainingError, NonFiniteGuard, lr_at and noise_seed are the trainer's, re-exported for
+# their importers here (benchmarks/train.py among them).
 __all__ = [
     "FatalTrainingError",
     "LocalSession",
@@ -59,83 +74,11 @@ __all__ = [
     "RaySession",
     "deepspeed_config",
     "lr_at",
+    "noise_seed",
     "train_worker",
 ]
 
 FATAL_FILE = "_fatal.json"
-
-
-class FatalTrainingError(RuntimeError):
-    """Stops the run at once with no retry (non-finite steps, loss spike, changed data)."""
-
-
-class _NanGrad(torch.autograd.Function):
-    """Identity forward, NaN backward: the test hook for a finite loss with NaN gradients."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
-
-
-@dataclass
-class NonFiniteGuard:
-    """Counts optimizer steps whose loss or gradients were NaN/inf (``total``, and ``streak``
-    in a row) and stops the run at ``limit`` in a row (0: never). Every rank sees the same
-    all-reduced values, so every rank stops at the same step."""
-
-    limit: int
-    total: int = 0
-    streak: int = 0
-
-    def update(self, step: int, loss: float, grad_norm: float, skipped: bool) -> bool:
-        """True if step ``step`` was non-finite (``skipped``: DeepSpeed did not apply its
-        update); raises FatalTrainingError at the limit, or when DeepSpeed applied an update
-        whose gradients were not finite."""
-        bad = skipped or not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if not bad:
-            self.streak = 0
-            return False
-        self.total += 1
-        self.streak += 1
-        what = f"loss {loss:.4g}, grad norm {grad_norm:.4g}"
-        if not skipped and not math.isfinite(grad_norm):
-            raise FatalTrainingError(
-                f"step {step}: DeepSpeed applied an update with non-finite gradients ({what}): "
-                "the weights are no longer finite; stopping (no retry), resume from the last "
-                "checkpoint"
-            )
-        if self.limit and self.streak >= self.limit:
-            raise FatalTrainingError(
-                f"{self.streak} steps in a row with a non-finite loss or gradients (last: step "
-                f"{step}, {what}; {self.total} in this run); failure.max_nonfinite_steps="
-                f"{self.limit}: stopping (no retry)"
-            )
-        return True
-
-
-# ---- pure helpers ----------------------------------------------------------------------------
-def lr_at(recipe: TrainRecipe, step: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to
-    lr * min_lr_ratio, or WSD (constant, then a linear decay over the last decay_fraction)."""
-    o, s, n = recipe.optim, recipe.schedule, recipe.steps
-    if s.warmup_steps and step < s.warmup_steps:
-        return o.lr * (step + 1) / s.warmup_steps
-    lo = o.lr * o.min_lr_ratio
-    if s.kind == "constant":
-        return o.lr
-    if s.kind == "cosine":
-        span = max(1, n - s.warmup_steps)
-        frac = min(1.0, (step - s.warmup_steps) / span)
-        return lo + (o.lr - lo) * 0.5 * (1 + math.cos(math.pi * frac))
-    decay_steps = max(1, round(n * s.decay_fraction))
-    start = n - decay_steps
-    if step < start:
-        return o.lr
-    return o.lr + (lo - o.lr) * min(1.0, (step - start + 1) / decay_steps)
 
 
 def deepspeed_config(recipe: TrainRecipe, world_size: int) -> dict[str, Any]:
@@ -160,23 +103,7 @@ def deepspeed_config(recipe: TrainRecipe, world_size: int) -> dict[str, Any]:
     return cfg
 
 
-def noise_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    h = hashlib.blake2b(f"{seed}/{step}/{rank}/{micro}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
 # ---- sessions: Ray Train, or an in-process stand-in for tests --------------------------------
-class Session(Protocol):
-    rank: int
-    world_size: int
-    run_name: str
-    run_dir: str  # <storage_path>/<run_name>: local path or s3:// URI
-
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
-    def report(self, metrics: dict[str, Any], ckpt_dir: str | None, step: int) -> None: ...
-    def commit(self, step: int) -> None: ...
-
-
 class RaySession:
     def __init__(self, storage_path: str) -> None:
         import ray.train
@@ -270,29 +197,26 @@ def _write_fatal(recipe: TrainRecipe, run_name: str, message: str, step: int) ->
         f.write(json.dumps({"error": message, "step": step}).encode())
 
 
-def _import_deepspeed():
-    """deepspeed, with the CPU shared-memory comm op (a 27 s JIT build) switched off."""
-    importlib.import_module("deepspeed." + "ops").__compatible_ops__["deepspeed_shm_comm"] = False
-    return importlib.import_module("deepspeed")
-
-
-def train_worker(info: dict[str, Any], session: Session | None = None) -> None:
-    """Entry point of every worker (Ray Train's train_loop_per_worker)."""
+def train_worker(
+    info: dict[str, Any], session: Session | None = None, callbacks: Sequence[Callback] = ()
+) -> None:
+    """Entry point of every worker (Ray Train's train_loop_per_worker); ``callbacks`` run after
+    the production ones."""
     run = RunInfo(**info)
     recipe = from_dict(TrainRecipe, run.recipe)
     session = session or RaySession(recipe.storage_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        _train(recipe, run, session)
+        _train(recipe, run, session, callbacks)
     except FatalTrainingError as e:
         log.error("rank %d: run stopped: %s", session.rank, e)
         if session.rank == 0:
             _write_fatal(recipe, session.run_name, str(e), -1)
 
 
-def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
+def _train(recipe: TrainRecipe, run: RunInfo, session: Session, extra: Sequence[Callback]) -> None:
     t_start = time.perf_counter()
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     rank, world = session.rank, session.world_size
     device = _device(recipe)
     if recipe.global_batch_size % (recipe.micro_batch_size * world):
@@ -300,18 +224,16 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             f"global_batch_size={recipe.global_batch_size} is not a multiple of "
             f"micro_batch_size * world_size ({recipe.micro_batch_size} * {world})"
         )
-    accum = recipe.global_batch_size // (recipe.micro_batch_size * world)
 
     man = Manifest.load(recipe.data.path)  # the codec facts are the same in every version
     if recipe.data.vocab_from_manifest and recipe.model.vocab_size != man.vocab_size:
         recipe = replace(recipe, model=replace(recipe.model, vocab_size=man.vocab_size))
     man.check_model(recipe.model.vocab_size, recipe.model.block_size)
     table = man.code_table()
-    seq_len = man.seq_len
 
     torch.manual_seed(recipe.seed)  # identical init on every rank
     model = BitLM(recipe.model, table)
-    flops_per_token = model.flops_per_token(seq_len)
+    flops_per_token = model.flops_per_token(man.seq_len)
     o = recipe.optim
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -328,14 +250,14 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
     )
 
     # ---- resume ----
-    step, tokens_seen = 0, 0
-    nonfinite = NonFiniteGuard(recipe.failure.max_nonfinite_steps)
+    state = TrainerState(stop_at=recipe.steps)
+    state.nonfinite = NonFiniteGuard(recipe.failure.max_nonfinite_steps)
     latest = min(run.dataset_version or man.version, man.version)
-    state: dict[str, Any] | None = None
+    saved: dict[str, Any] | None = None
     with session.latest_checkpoint() as ckpt:
         if ckpt is not None:
-            state = read_state(ckpt)
-        version, pinned = _dataset_version(recipe, man, state, latest)
+            saved = read_state(ckpt)
+        version, pinned = _dataset_version(recipe, man, saved, latest)
         data = Dataset(
             recipe.data.path,
             recipe.data.split,
@@ -343,10 +265,10 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             recipe.data.row_group_cache,
             version,
         )
-        if state is not None:
-            if state["world_size"] != world:
+        if saved is not None:
+            if saved["world_size"] != world:
                 raise FatalTrainingError(
-                    f"checkpoint was written by {state['world_size']} workers, this run has "
+                    f"checkpoint was written by {saved['world_size']} workers, this run has "
                     f"{world}: ZeRO shards do not reshard; export and restart instead"
                 )
             try:
@@ -356,14 +278,13 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
                 raise FatalTrainingError(str(e)) from None
             rng = torch.load(Path(ckpt) / "rng" / f"rank_{rank}.pt", weights_only=True)
             torch.set_rng_state(rng["torch"])
-            step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-            nonfinite.total = int(state.get("nonfinite_steps", 0))
-            nonfinite.streak = int(state.get("nonfinite_streak", 0))
-            log.info("rank %d: resumed from step %d (%s)", rank, step, ckpt)
-    started_from_scratch = step == 0
-    switched = pinned is not None and pinned != version
+            state.step, state.tokens_seen = int(saved["step"]), int(saved["tokens_seen"])
+            state.nonfinite.total = int(saved.get("nonfinite_steps", 0))
+            state.nonfinite.streak = int(saved.get("nonfinite_streak", 0))
+            log.info("rank %d: resumed from step %d (%s)", rank, state.step, ckpt)
+    state.start_step = state.step
     if rank == 0:
-        _log_version(recipe, data, pinned, latest, step)
+        _log_version(recipe, data, pinned, latest, state.step)
         log.info(
             "engine ready in %.1f s (ZeRO-%d, %s)",
             time.perf_counter() - t_start,
@@ -371,197 +292,60 @@ def _train(recipe: TrainRecipe, run: RunInfo, session: Session) -> None:
             recipe.dtype,
         )
 
-    tracker = None
+    callbacks: list[Callback] = [
+        NonFiniteCallback(),
+        SpikeCallback(),
+        MetricsCallback(flops_per_token),
+        EvalCallback(),
+        CheckpointCallback(),
+    ]
     if rank == 0 and recipe.mlflow.enabled and run.tracking_uri:
-        from ..tracking import RunLogger
+        callbacks.append(_mlflow(recipe, run, session, man, data, state, pinned, flops_per_token))
+    trainer = Trainer(recipe, engine, optimizer, data, session, device, state, [*callbacks, *extra])
+    trainer.fit()
 
-        tracker = RunLogger(
-            run.tracking_uri,
-            run.mlflow_run_id,
-            experiment=recipe.mlflow.experiment,
-            run_name=session.run_name,
-            system_metrics=recipe.mlflow.system_metrics,
-        )
-        # Every launch: a relaunch may add keys (a newer recipe) or change values (tags).
-        tracker.sync_params(recipe.flat_params(), announce=not run.params_synced)
-        if started_from_scratch:
-            tracker.log_text(recipe.to_yaml(), "recipe.yaml")
-            tracker.log_text(man.tokenizer_json(), "tokenizer.json")
-            tracker.log_text(table.to_json(), "code_table.json")
-            tracker.set_tags(
-                {
-                    "data_fingerprint": data.fingerprint,
-                    "dataset_version": str(version),
-                    "tokenizer_hash": man.tokenizer_hash,
-                    "flops_per_token": f"{flops_per_token:.6g}",
-                }
-            )
-        elif switched:
-            tracker.set_tags(
-                {
-                    "data_fingerprint": data.fingerprint,
-                    "dataset_version": str(version),
-                    f"dataset_switch.step_{step}": f"{pinned} -> {version}",
-                }
-            )
 
-    index_log = None
-    if recipe.test.index_log:
-        Path(recipe.test.index_log).mkdir(parents=True, exist_ok=True)
-        index_log = open(Path(recipe.test.index_log) / f"rank_{rank}.jsonl", "a")  # noqa: SIM115
-
-    # ---- train ----
-    last_ckpt_time = time.monotonic()
-    ema = None
-    win = {"t": 0.0, "data": 0.0, "tokens": 0, "steps": 0}
-    tokens_per_step = recipe.global_batch_size * seq_len
-    stop_at = recipe.steps
-    if recipe.test.stop_after_steps:
-        stop_at = min(stop_at, step + recipe.test.stop_after_steps)
-    engine.train()
-    try:
-        while step < stop_at:
-            if (
-                recipe.test.kill_at_step
-                and step + 1 == recipe.test.kill_at_step
-                and rank == recipe.test.kill_rank
-                and started_from_scratch
-            ):
-                os.kill(os.getpid(), signal.SIGKILL)
-            t0 = time.perf_counter()
-            positions = rank_positions(step, rank, world, recipe.global_batch_size)
-            tokens = data.tokens_at(positions).to(device)
-            t_data = time.perf_counter() - t0
-            if index_log is not None:
-                index_log.write(
-                    json.dumps(
-                        {
-                            "step": step + 1,
-                            "pid": os.getpid(),
-                            "rows": data.rows_at(positions).tolist(),
-                            "positions": positions.tolist(),
-                        }
-                    )
-                    + "\n"
-                )
-                index_log.flush()
-            lr = lr_at(recipe, step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            engine.module.set_step(step)  # the slot curriculum (model.slot_ramp_*)
-            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-            for micro in range(accum):
-                mb = tokens[micro * recipe.micro_batch_size : (micro + 1) * recipe.micro_batch_size]
-                gen = torch.Generator(device=device)
-                gen.manual_seed(noise_seed(recipe.seed, step, rank, micro))
-                loss = engine(mb, gen)
-                if recipe.test.nan_at_step and step + 1 == recipe.test.nan_at_step:
-                    loss = loss * float("nan")
-                if step + 1 in recipe.test.nan_grad_steps:
-                    loss = _NanGrad.apply(loss)
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().float()
-            applied = bool(engine.was_step_applied())  # False: DeepSpeed skipped a NaN/inf step
-            step += 1
-            tokens_seen += tokens_per_step
-            stats = torch.tensor(
-                [float(loss_sum) / accum, t_data, 0.0 if applied else 1.0], device=device
-            )
-            if world > 1:
-                dist.all_reduce(stats)
-                stats /= world
-            loss_val, skipped = float(stats[0]), float(stats[2]) > 0
-            gn = engine.get_global_grad_norm()
-            grad_norm = float(gn) if gn is not None else float("nan")
-            try:
-                bad = nonfinite.update(step, loss_val, grad_norm, skipped)
-            finally:
-                if tracker is not None and nonfinite.streak:  # at once, not every log_every
-                    tracker.log_metrics(
-                        {
-                            "nonfinite_steps": float(nonfinite.total),
-                            "nonfinite_streak": float(nonfinite.streak),
-                        },
-                        step,
-                    )
-            if bad:
-                if rank == 0:
-                    log.warning(
-                        "step %d: non-finite loss or gradients (loss %.4g, grad norm %.4g): "
-                        "update skipped (%d in a row, %d in this run; the run stops at %s)",
-                        step,
-                        loss_val,
-                        grad_norm,
-                        nonfinite.streak,
-                        nonfinite.total,
-                        nonfinite.limit or "never",
-                    )
-            else:
-                _guard(recipe, step, loss_val, ema)
-                a = recipe.failure.spike_ema
-                ema = loss_val if ema is None else a * ema + (1 - a) * loss_val
-            dt = time.perf_counter() - t0
-            win["t"] += dt
-            win["data"] += t_data
-            win["tokens"] += tokens_per_step // world
-            win["steps"] += 1
-
-            if step % recipe.log_every == 0 or step % recipe.mlflow.log_every == 0:
-                tps = win["tokens"] / max(win["t"], 1e-9)
-                metrics = {
-                    "loss": loss_val,
-                    "grad_norm": grad_norm,
-                    "lr": lr,
-                    "tokens_seen": float(tokens_seen),
-                    "throughput/tokens_per_s_per_device": tps,
-                    "mfu": tps * flops_per_token / recipe.peak_flops,
-                    "time/data_loading_share": win["data"] / max(win["t"], 1e-9),
-                    "time/step_s": win["t"] / win["steps"],
-                    "progress/pct_steps": 100.0 * step / recipe.steps,
-                }
-                if not nonfinite.streak:  # else logged at once above
-                    metrics["nonfinite_steps"] = float(nonfinite.total)
-                if rank == 0 and step % recipe.log_every == 0:
-                    log.info(
-                        "step %d/%d loss %.4f gnorm %.3f lr %.2e tok/s/dev %.0f mfu %.2f%%",
-                        step,
-                        recipe.steps,
-                        loss_val,
-                        grad_norm,
-                        lr,
-                        tps,
-                        100 * metrics["mfu"],
-                    )
-                if tracker is not None and step % recipe.mlflow.log_every == 0:
-                    tracker.log_metrics(metrics, step)
-                win = {"t": 0.0, "data": 0.0, "tokens": 0, "steps": 0}
-
-            if recipe.eval.every_steps and step % recipe.eval.every_steps == 0:
-                _evaluate(
-                    recipe, engine, data.manifest, data.codec, step, rank, world, device, tracker
-                )
-
-            due = recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0
-            minutes = recipe.checkpoint.every_minutes
-            timed = minutes > 0 and time.monotonic() - last_ckpt_time > 60 * minutes
-            at_end = step == stop_at and recipe.checkpoint.at_end
-            flag = torch.tensor(float(bool(due) or at_end or timed), device=device)
-            if world > 1:
-                dist.broadcast(flag, 0)  # rank 0's clock decides the time policy
-            if flag.item():
-                _save(recipe, engine, session, data, step, tokens_seen, loss_val, rank, nonfinite)
-                last_ckpt_time = time.monotonic()
-    except FatalTrainingError:
-        if tracker is not None:
-            tracker.close(recipe.mlflow.flush_timeout_s)
-            tracker = None
-        raise
-    finally:
-        if index_log is not None:
-            index_log.close()
-        if tracker is not None:
-            tracker.close(recipe.mlflow.flush_timeout_s)
+def _mlflow(
+    recipe: TrainRecipe,
+    run: RunInfo,
+    session: Session,
+    man: Manifest,
+    data: Dataset,
+    state: TrainerState,
+    pinned: int | None,
+    flops_per_token: float,
+) -> MLflowCallback:
+    """Rank 0's MLflow callback: a fresh run logs its recipe, tokenizer and code table and tags
+    its data; a resumed one that moved to another dataset version tags the switch."""
+    texts: dict[str, str] = {}
+    tags: dict[str, str] = {}
+    if state.started_from_scratch:
+        texts = {
+            "recipe.yaml": recipe.to_yaml(),
+            "tokenizer.json": man.tokenizer_json(),
+            "code_table.json": data.codec.table.to_json(),
+        }
+        tags = {
+            "data_fingerprint": data.fingerprint,
+            "dataset_version": str(data.version),
+            "tokenizer_hash": man.tokenizer_hash,
+            "flops_per_token": f"{flops_per_token:.6g}",
+        }
+    elif pinned is not None and pinned != data.version:
+        tags = {
+            "data_fingerprint": data.fingerprint,
+            "dataset_version": str(data.version),
+            f"dataset_switch.step_{state.step}": f"{pinned} -> {data.version}",
+        }
+    return MLflowCallback(
+        recipe,
+        run.tracking_uri or "",
+        run.mlflow_run_id,
+        session.run_name,
+        announce=not run.params_synced,
+        texts=texts,
+        tags=tags,
+    )
 
 
 def _dataset_version(
@@ -621,156 +405,3 @@ def _log_version(
         )
     else:
         log.info("%s", where)
-
-
-def _guard(recipe: TrainRecipe, step: int, loss: float, ema: float | None) -> None:
-    """The loss-spike guard (finite losses; non-finite steps are NonFiniteGuard's)."""
-    if not math.isfinite(loss):
-        return
-    f = recipe.failure
-    if (
-        f.spike_ratio
-        and ema is not None
-        and step > f.spike_warmup_steps
-        and loss > f.spike_ratio * ema
-    ):
-        raise FatalTrainingError(
-            f"loss spike at step {step}: {loss:.4f} > {f.spike_ratio} x running mean "
-            f"{ema:.4f}: stopping (no retry)"
-        )
-
-
-def _save(recipe, engine, session, data, step, tokens_seen, loss, rank, nonfinite) -> None:
-    """Every rank writes its DeepSpeed shard + RNG state; rank 0 adds the run state, recipe,
-    tokenizer and code table. Ray merges the ranks' folders into one checkpoint; once every
-    rank's upload is done, rank 0 commits it (bitlm.checkpoint)."""
-    gathered = contextlib.nullcontext()
-    if recipe.zero_stage == 3:  # model.loss reads top-level parameters directly: gather them
-        gathered = _import_deepspeed().zero.GatheredParameters(
-            list(engine.module.parameters()), modifier_rank=None
-        )
-    with gathered:
-        probe = probe_loss(engine.module, data, recipe)  # collective under ZeRO-3
-    if not math.isfinite(probe):  # the same on every rank: all stop, nothing corrupt is saved
-        raise FatalTrainingError(
-            f"step {step}: the weights are no longer finite (probe loss {probe}); no checkpoint "
-            "written; stopping (no retry)"
-        )
-    tmp = tempfile.mkdtemp(prefix=f"bitlm-ckpt-{step}-r{rank}-")
-    try:
-        engine.save_checkpoint(tmp, tag=DS_TAG)
-        (Path(tmp) / "rng").mkdir(exist_ok=True)
-        torch.save({"torch": torch.get_rng_state()}, Path(tmp) / "rng" / f"rank_{rank}.pt")
-        if rank == 0:
-            state = {
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "data_position": step * recipe.global_batch_size,
-                "data_seed": recipe.data.seed,
-                "fingerprint": data.fingerprint,
-                "dataset_version": data.version,
-                "world_size": session.world_size,
-                "zero_stage": recipe.zero_stage,
-                "run_name": session.run_name,
-                "probe_loss": probe,
-                "nonfinite_steps": nonfinite.total,
-                "nonfinite_streak": nonfinite.streak,
-                "time": time.time(),
-            }
-            write_state(tmp, state)
-            (Path(tmp) / "recipe.yaml").write_text(recipe.to_yaml())
-            (Path(tmp) / "tokenizer.json").write_text(data.manifest.tokenizer_json())
-            (Path(tmp) / "code_table.json").write_text(data.codec.table.to_json())
-        session.report({"step": step, "loss": loss, "tokens_seen": tokens_seen}, tmp, step)
-        if session.world_size > 1:
-            dist.barrier()  # every rank's files are in storage
-        if rank == 0:
-            session.commit(step)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def probe_loss(model: BitLM, data: Dataset, recipe: TrainRecipe) -> float:
-    """The eval-mode loss of the first rows with fixed noise: a fingerprint of the weights
-    (export checks reproduce it)."""
-    import numpy as np
-
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        tokens = data.codec.from_codewords(
-            torch.from_numpy(data.read_rows(np.arange(min(2, data.num_rows))))
-        ).to(device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(recipe.seed + 7)
-        with torch.no_grad():
-            return float(model.loss(tokens, gen))
-    finally:
-        model.train(was_training)
-
-
-def _evaluate(recipe, engine, man, codec, step, rank, world, device, tracker) -> None:
-    """Eval loss on the eval split (same order rule) and a few generated samples (rank 0)."""
-    model: BitLM = engine.module
-    model.eval()
-    try:
-        ev = None
-        if recipe.data.eval_split and recipe.data.eval_split in man.splits:
-            with contextlib.suppress(DataError):  # e.g. an empty val split: no eval loss
-                ev = Dataset(
-                    recipe.data.path, recipe.data.eval_split, recipe.data.seed, version=man.version
-                )
-        total = torch.zeros(2, device=device)
-        gains: dict[str, float] = {}
-        gathered = contextlib.nullcontext()
-        if recipe.zero_stage == 3:
-            gathered = _import_deepspeed().zero.GatheredParameters(
-                list(model.parameters()), modifier_rank=None
-            )
-        with gathered, torch.no_grad():
-            if ev is not None:
-                mbs = recipe.micro_batch_size
-                for b in range(recipe.eval.batches):
-                    start = (b * world + rank) * mbs
-                    pos = torch.arange(start, start + mbs).numpy()
-                    toks = ev.tokens_at(pos).to(device)
-                    gen = torch.Generator(device=device)
-                    gen.manual_seed(noise_seed(recipe.seed + 1, b, rank, 0))
-                    total[0] += model.loss(toks, gen).float()
-                    total[1] += 1
-                    if b == 0 and model.is_diffusion:  # how much the head uses the context
-                        for t, (true, null) in model.condition_gain(toks, (0.5, 0.9), gen).items():
-                            gains[f"eval/cond_gain_t{t:g}"] = null - true
-            if world > 1:
-                dist.all_reduce(total)
-            if rank == 0 and recipe.eval.num_samples and ev is not None:
-                n = recipe.eval.num_samples
-                prompt = ev.tokens_at(torch.arange(n).numpy())[:, : recipe.eval.prompt_tokens]
-                gen = torch.Generator(device=device)
-                gen.manual_seed(recipe.seed)
-                out = model.generate(prompt.to(device), recipe.eval.new_tokens, generator=gen)
-                text = _decode_samples(man, out.cpu())
-                if tracker is not None:
-                    tracker.log_text(text, f"samples/step_{step:08d}.txt")
-        if tracker is not None and total[1] > 0:
-            tracker.log_metrics({"eval/loss": float(total[0] / total[1]), **gains}, step)
-    finally:
-        model.train()
-
-
-def _decode_samples(man, ids: torch.Tensor) -> str:
-    lines = []
-    try:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(man.tokenizer_json())
-    except Exception:
-        tok = None
-    for row in ids.tolist():
-        text = ""
-        if tok is not None:
-            with contextlib.suppress(Exception):
-                text = tok.decode(row)
-        lines.append(f"{row}\n{text!r}\n")
-    return "\n".join(lines)

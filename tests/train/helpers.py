@@ -161,14 +161,20 @@ def free_port() -> int:
     return port
 
 
-def train(tiny_data: str, storage: Path | str, name: str, *overrides: str):
-    """Run jobs/pretrain.py's library path with the tiny model."""
+def train(tiny_data: str, storage: Path | str, name: str, *overrides: str, callbacks=()):
+    """Run jobs/pretrain.py's library path with the tiny model; ``callbacks`` (tests/train/
+    faults.py's) go to every worker's trainer."""
     from bitlm.train import load_train_recipe, run
 
+    if callbacks:
+        import faults
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(faults)  # the workers cannot import tests/
     recipe = load_train_recipe(
         None, [*TINY, f"data.path={tiny_data}", f"storage_path={storage}", *overrides], name
     )
-    return run(recipe)
+    return run(recipe, callbacks=callbacks)
 
 
 def metric_history(uri: str, run_id: str, key: str = "loss") -> list[tuple[int, float]]:

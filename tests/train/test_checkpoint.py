@@ -48,8 +48,8 @@ def test_every_layout_is_found_consolidated_and_evaluated(
     """bf16 names the optimizer shards bf16_zero_pp_rank_*, ZeRO-3 keeps the model states per
     rank: evaluation once saw neither."""
     from bitlm.eval.evaluate import EvalSettings, evaluate_model, load_model_dir
+    from bitlm.train.callbacks import probe_loss
     from bitlm.train.data import Dataset
-    from bitlm.train.worker import probe_loss
 
     storage = tmp_path / "runs"
     _train(tiny_data, storage, "layout", f"zero_stage={stage}", f"precision={precision}", "steps=1")

@@ -13,7 +13,8 @@ import torch
 from bitlm.model import BitLM
 from bitlm.recipe import RecipeError
 from bitlm.train.config import TrainRecipe, load_train_recipe
-from bitlm.train.worker import deepspeed_config, lr_at
+from bitlm.train.trainer import lr_at
+from bitlm.train.worker import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes" / "pretrain").glob("*.yaml"))

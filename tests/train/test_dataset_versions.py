@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faults import IndexLog, KillAt, StopAfter
 from helpers import local_recipe, metric_history, train, write_dataset
 
 from bitlm.train.data import DataError, Dataset, Manifest, select_version
@@ -82,6 +83,10 @@ def _rows(index_log: Path) -> dict[int, list[int]]:
         rec = json.loads(line)
         out[rec["step"]] = rec["rows"]
     return out
+
+
+def _log(tmp_path: Path, name: str) -> IndexLog:
+    return IndexLog(tmp_path / name)
 
 
 def _state(storage: Path, name: str) -> dict:
@@ -159,9 +164,9 @@ def _local(data: str, storage: Path, name: str, *extra: str):
     )
 
 
-def _run_local(recipe, storage: Path, name: str, tracking_uri: str | None = None) -> None:
+def _run_local(recipe, storage: Path, name: str, tracking_uri=None, callbacks=()) -> None:
     info = {"recipe": recipe.to_dict(), "tracking_uri": tracking_uri}
-    train_worker(info, LocalSession(str(storage), name, keep=1))
+    train_worker(info, LocalSession(str(storage), name, keep=1), callbacks)
     assert not (storage / name / FATAL_FILE).exists(), (storage / name / FATAL_FILE).read_text()
 
 
@@ -176,9 +181,7 @@ def test_new_run_takes_new_shards_and_the_switch_is_explicit(
     storage = tmp_path / "runs"
     off = "mlflow.enabled=false"
     for name, track in (("pinned", off), ("switch", "mlflow.enabled=true")):  # stop at 3, v1
-        _run_local(
-            _local(data, storage, name, track, "test.stop_after_steps=3"), storage, name, mlflow_uri
-        )
+        _run_local(_local(data, storage, name, track), storage, name, mlflow_uri, [StopAfter(3)])
     shutil.copytree(storage / "pinned", storage / "legacy")  # a checkpoint from before versions
     legacy = storage / "legacy" / "checkpoint_00000003" / "trainer_state.json"
     state = json.loads(legacy.read_text())
@@ -190,7 +193,7 @@ def test_new_run_takes_new_shards_and_the_switch_is_explicit(
 
     # A new run reads version 2: its permutation covers the new rows.
     _run_local(
-        _local(data, storage, "fresh", off, f"test.index_log={tmp_path}/fresh"), storage, "fresh"
+        _local(data, storage, "fresh", off), storage, "fresh", None, [_log(tmp_path, "fresh")]
     )
     assert _state(storage, "fresh")["dataset_version"] == 2
     fresh = _rows(tmp_path / "fresh")
@@ -199,8 +202,7 @@ def test_new_run_takes_new_shards_and_the_switch_is_explicit(
     # Resumed runs stay on version 1 (the legacy checkpoint is matched by its fingerprint).
     for name in ("pinned", "legacy"):
         caplog.clear()
-        r = _local(data, storage, name, off, f"test.index_log={tmp_path}/{name}")
-        _run_local(r, storage, name)
+        _run_local(_local(data, storage, name, off), storage, name, None, [_log(tmp_path, name)])
         assert _state(storage, name)["dataset_version"] == 1
         rows = _rows(tmp_path / name)
         assert sorted(rows) == [4, 5, 6] and all(x < n1 for v in rows.values() for x in v)
@@ -208,10 +210,8 @@ def test_new_run_takes_new_shards_and_the_switch_is_explicit(
 
     # data.dataset_version=latest moves a resumed run to version 2, and says so.
     caplog.clear()
-    r = _local(
-        data, storage, "switch", "data.dataset_version=latest", f"test.index_log={tmp_path}/sw"
-    )
-    _run_local(r, storage, "switch", mlflow_uri)
+    r = _local(data, storage, "switch", "data.dataset_version=latest")
+    _run_local(r, storage, "switch", mlflow_uri, [_log(tmp_path, "sw")])
     assert _state(storage, "switch")["dataset_version"] == 2
     switched = _rows(tmp_path / "sw")
     assert switched == {s: fresh[s] for s in (4, 5, 6)}  # the order of version 2 from step 3 on
@@ -251,8 +251,7 @@ def test_killed_run_resumes_on_its_version_after_an_append(grown, tmp_path, mlfl
             "split",
             *common,
             "failure.max_failures=0",
-            "test.kill_rank=0",
-            "test.kill_at_step=5",
+            callbacks=[KillAt(rank=0, step=5)],
         )
     grown.append(data)
     rest = train(data, storage, "split", *common)

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from faults import NanGradsAt, NanLossAt
 from helpers import local_recipe
 
 from bitlm.train.config import load_train_recipe
@@ -72,11 +73,9 @@ def test_skipped_steps_leave_the_weights_as_they_were(
         f"precision={precision}",
         "steps=2",
         "mlflow.enabled=false",
-        "test.nan_grad_steps=[1]",
-        "test.nan_at_step=2",
     )
     s = LocalSession(str(storage), "skip", keep=1)
-    train_worker({"recipe": r.to_dict()}, s)
+    train_worker({"recipe": r.to_dict()}, s, [NanGradsAt(1), NanLossAt(2)])
     assert not (storage / "skip" / FATAL_FILE).exists()
     ckpt = storage / "skip" / "checkpoint_00000002"
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -103,11 +102,10 @@ def test_nonfinite_steps_logged_to_mlflow_and_fatal_in_a_row(
         "zero_stage=2",
         "steps=10",
         "failure.max_nonfinite_steps=3",
-        "test.nan_grad_steps=[2,4,5]",
-        "test.nan_at_step=6",  # the third in a row: 4, 5, 6
     )
     s = LocalSession(str(storage), "diverge", keep=1)
-    train_worker({"recipe": r.to_dict(), "tracking_uri": mlflow_uri}, s)
+    faults = [NanGradsAt(2, 4, 5), NanLossAt(6)]  # step 6: the third in a row, 4, 5, 6
+    train_worker({"recipe": r.to_dict(), "tracking_uri": mlflow_uri}, s, faults)
     fatal = json.loads((storage / "diverge" / FATAL_FILE).read_text())
     assert "3 steps in a row with a non-finite loss or gradients" in fatal["error"]
     assert "last: step 6, loss nan" in fatal["error"] and "4 in this run" in fatal["error"]

@@ -10,6 +10,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from faults import IndexLog, KillAt, NanLossAt, StopAfter
 from helpers import metric_history, train
 
 from bitlm.train import TrainingAborted
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_zero1_trains_and_resumes_bit_identically(ray_local, tiny_data, tmp_path, mlflow_uri):
     common = ["zero_stage=1", "steps=6", "checkpoint.every_steps=0"]
     full = train(tiny_data, tmp_path / "runs", "full", *common)
-    first = train(tiny_data, tmp_path / "runs", "split", *common, "test.stop_after_steps=3")
+    first = train(tiny_data, tmp_path / "runs", "split", *common, callbacks=[StopAfter(3)])
     assert first.checkpoint.endswith("checkpoint_00000003")
     rest = train(tiny_data, tmp_path / "runs", "split", *common)  # same name: resumes at 3
     assert rest.checkpoint.endswith("checkpoint_00000006")
@@ -63,8 +64,7 @@ def test_nan_stops_without_retry(ray_local, tiny_data, tmp_path, mlflow_uri):
             "steps=6",
             "failure.max_failures=2",
             "failure.max_nonfinite_steps=1",  # stop at the first (default: 10 in a row)
-            "test.nan_at_step=2",
-            f"test.index_log={log_dir}",
+            callbacks=[NanLossAt(2), IndexLog(log_dir)],
         )
     for r in range(2):
         recs = [json.loads(x) for x in (log_dir / f"rank_{r}.jsonl").read_text().splitlines()]
@@ -91,9 +91,7 @@ def test_killed_worker_resumes_without_losing_or_repeating_samples(
         "steps=6",
         "checkpoint.every_steps=2",
         "failure.max_failures=1",
-        "test.kill_rank=1",
-        "test.kill_at_step=4",
-        f"test.index_log={log_dir}",
+        callbacks=[KillAt(rank=1, step=4), IndexLog(log_dir)],
     )
     assert res.checkpoint.endswith("checkpoint_00000006")
     final: dict[int, list[int]] = defaultdict(list)  # step -> positions of the surviving attempt

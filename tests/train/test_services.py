@@ -140,9 +140,9 @@ def test_s3_checkpoints_and_zero3_export(ray_local, tmp_path, mlflow_uri, monkey
         import torch
 
         from bitlm.model import BitLM
+        from bitlm.train.callbacks import probe_loss
         from bitlm.train.data import Dataset
         from bitlm.train.export import export_checkpoint
-        from bitlm.train.worker import probe_loss
 
         out = export_checkpoint("z3", tmp_path / "export", storage_path="s3://bitlm/runs")
         model = BitLM.from_pretrained(out)

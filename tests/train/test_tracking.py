@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+from faults import NanLossAt
 from helpers import metric_history, train
 
 from bitlm.tracking import MAX_ATTEMPTS, RunLogger
@@ -124,7 +125,7 @@ def test_relaunch_with_changed_params(ray_local, tiny_data, tmp_path, server, mo
             "relaunch",
             *common,
             "failure.max_nonfinite_steps=1",
-            "test.nan_at_step=2",
+            callbacks=[NanLossAt(2)],
         )
     assert not any("changed params" in w for w in _warnings(caplog))  # a first launch
     res = train(tiny_data, tmp_path / "runs", "relaunch", *common, "optim.lr=0.001")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from faults import StopAfter
 from helpers import local_recipe, write_dataset
 
 from bitlm.train.worker import FATAL_FILE, LocalSession, train_worker
@@ -20,12 +21,11 @@ def test_changed_data_refuses_to_resume_unless_overridden(dist_world1, tmp_path,
         tiny_data,
         storage,
         "steps=4",
-        "test.stop_after_steps=2",
         "checkpoint.keep_last=1",
         "checkpoint.every_steps=1",
     )
     s = LocalSession(str(storage), "local", keep=1)
-    train_worker({"recipe": r.to_dict()}, s)
+    train_worker({"recipe": r.to_dict()}, s, [StopAfter(2)])
     ckpts = sorted(p.name for p in (storage / "local").glob("checkpoint_*"))
     assert ckpts == ["checkpoint_00000002"]  # keep-last-1
     ck = storage / "local" / ckpts[0]
@@ -51,7 +51,8 @@ def test_changed_data_refuses_to_resume_unless_overridden(dist_world1, tmp_path,
 def test_time_policy_checkpoints_and_spike_guard(dist_world1, tmp_path, tiny_data):
     import pytest
 
-    from bitlm.train.worker import FatalTrainingError, _guard
+    from bitlm.train.callbacks import spike_guard as _guard
+    from bitlm.train.trainer import FatalTrainingError
 
     storage = tmp_path / "runs"
     r = _recipe(
