@@ -45,7 +45,7 @@ def build(kind: str, m: int, a: argparse.Namespace, device: torch.device) -> Bit
     if kind == "ar":
         cfg = ModelConfig(block_size=1, input="embedding", output_head="softmax", **common)
     else:
-        cfg = ModelConfig(block_size=m, **common, **a.bitlm)
+        cfg = ModelConfig(block_size=m, **{**common, **a.bitlm})  # --bitlm wins
     torch.manual_seed(0)
     return BitLM(cfg).to(device=device, dtype=a.dtype).eval()
 
