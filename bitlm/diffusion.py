@@ -150,10 +150,11 @@ def euler_sample(
         evals += ~done
         x_sc = x0 if self_conditioning else None
         # slots (bits) already clean (t = 0) or not started (t = t_next = 1) do not move
-        step = x + (t_next - t) * (x - x0) / t.clamp_min(1e-6)
         if eta > 0:
             z = torch.randn(shape, device=device, generator=generator).to(dtype) * temperature
             step = ddim_step(x, x0, t, t_next, eta, z)
+        else:
+            step = x + (t_next - t) * (x - x0) / t.clamp_min(1e-6)
         if commit >= 1.0 or prev is None:
             x, prev = step, x0
             continue
