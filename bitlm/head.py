@@ -50,11 +50,11 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0) 
 
 def posterior_skip(x_t: Tensor, t: Tensor, limit: float = 30.0) -> Tensor:
     """Half the log-odds that bit k is +1 given x_t,k alone, for a uniform bit under
-    x_t = (1 - t) x0 + t eps: (1 - t) x_t / t^2 [R, m, B] (t [R], [R, m] or per bit), clamped to
-    +-limit (tanh is 1 to float precision there), so tanh of it is E[x0 | x_t]."""
-    tt = t if t.dim() == x_t.dim() else (t[:, None, None] if t.dim() == 1 else t[..., None])
-    tt = tt.to(x_t.dtype)
-    return ((1 - tt) * x_t / tt.square().clamp_min(1e-12)).clamp(-limit, limit)
+    x_t = (1 - t) x0 + t eps: (1 - t) x_t / t^2 [R, m, B] (t broadcastable to x_t, as
+    DiffusionHead.bit_times gives it), clamped to +-limit (tanh is 1 to float precision
+    there), so tanh of it is E[x0 | x_t]."""
+    t = t.to(x_t.dtype)
+    return ((1 - t) * x_t / t.square().clamp_min(1e-12)).clamp(-limit, limit)
 
 
 def slot_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -206,12 +206,12 @@ class DiffusionHead(nn.Module):
 
     # ---- training: noising and loss from integer code words ----------------------------------
     def bit_times(self, t: Tensor) -> Tensor:
-        """The times of the bits at schedule position t [R] or [R, m]: t itself, or with
-        bit_stagger s the per-bit times [R, 1, B] or [R, m, B] (slot_times over the bits, the
-        most significant least noisy)."""
+        """The times of the bits at schedule position t [R] or [R, m], broadcastable to
+        [R, m, B]: t itself ([R, 1, 1] or [R, m, 1]), or with bit_stagger s the per-bit times
+        [R, 1, B] or [R, m, B] (slot_times over the bits, the most significant least noisy)."""
         s, B = self.cfg.bit_stagger, self.cfg.num_bits
         if s == 0:
-            return t
+            return t[:, None, None] if t.dim() == 1 else t[..., None]
         tb = slot_times(t * (1 + s * (B - 1)), B, s).to(t.dtype)
         return tb[:, None, :] if t.dim() == 1 else tb
 
@@ -224,8 +224,6 @@ class DiffusionHead(nn.Module):
             return noise_bits(words, t, eps)
         x0 = words_to_bits(words, eps.shape[-1], eps.dtype)
         tt = self.bit_times(t)
-        if tt.dim() < 3:
-            tt = tt[:, None, None] if t.dim() == 1 else tt[..., None]
         return (1 - tt) * x0 + tt * eps
 
     def loss(
