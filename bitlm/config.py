@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, get_args, get_type_hints
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
+from . import recipe
 from .codec import num_bits_for
 
 __all__ = ["ModelConfig"]
@@ -116,6 +116,7 @@ class ModelConfig:
     sample_eta: float = 0.0
 
     def __post_init__(self) -> None:
+        recipe.check_types(self, "model.")  # the recipe's strict types, for ModelConfig(...) too
         if self.ffn_hidden == 0:
             self.ffn_hidden = -(-(8 * self.d_model // 3) // 32) * 32
         self.validate()
@@ -129,22 +130,7 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        hints = get_type_hints(type(self))
-        for f in fields(self):
-            v, hint = getattr(self, f.name), hints[f.name]
-            choices = get_args(hint)
-            if getattr(hint, "__origin__", None) is Literal:
-                if v not in choices:
-                    raise ValueError(f"model.{f.name}={v!r}: must be one of {list(choices)}")
-            elif hint is bool and not isinstance(v, bool):
-                raise ValueError(f"model.{f.name}={v!r}: must be a bool")
-            elif hint is int and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ValueError(f"model.{f.name}={v!r}: must be an int")
-            elif hint is float and (isinstance(v, bool) or not isinstance(v, int | float)):
-                raise ValueError(f"model.{f.name}={v!r}: must be a number")
-            elif hint is float and not math.isfinite(v):
-                raise ValueError(f"model.{f.name}={v!r}: must be a finite number")
+        """Raise ValueError naming the first bad value (the types are checked on construction)."""
         positive = (
             "vocab_size",
             "block_size",
@@ -222,9 +208,5 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a dict; an unknown key is an error naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**d)
+        """Build from a dict; an unknown key or a bad value is an error naming it."""
+        return recipe.from_dict(cls, d, "model.")

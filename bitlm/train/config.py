@@ -261,9 +261,4 @@ def load_train_recipe(
     extra = list(overrides or [])
     if name:
         extra.append(f"name={name}")
-    try:
-        return load_recipe(TrainRecipe, path, extra)
-    except RecipeError:
-        raise
-    except ValueError as e:  # ModelConfig.validate and friends
-        raise RecipeError(str(e)) from None
+    return load_recipe(TrainRecipe, path, extra)

@@ -78,12 +78,26 @@ def test_ar_variant_is_one_field_group():
         (["data.dataset_version=newest"], "data.dataset_version='newest'"),
         (["data.dataset_version=0"], "data.dataset_version=0"),
         (["data.dataset_version=true"], "data.dataset_version=True"),
+        # a wrong type, an unknown key and a check across fields, each deep in the tree
+        (["model.head_width=1.5"], "model.head_width=1.5: must be an integer"),
+        (["optim.betas=[0.9, fast]"], "optim.betas[1]='fast': must be a number"),
+        (["mlflow.enabled=yes please"], "mlflow.enabled='yes please': must be true or false"),
+        (["model.head_widht=64"], "unknown key model.head_widht"),
+        (["model.n_heads=3"], "model.d_model must be divisible by n_heads"),
+        (["model.slot_mixer=1"], "model.slot_mixer needs slot_prefix"),
+        (["micro_batch_size=3"], "global_batch_size=16: must be a multiple of micro_batch_size"),
     ],
 )
 def test_bad_values_are_named(overrides, needle):
     with pytest.raises(RecipeError, match=None) as e:
         load_train_recipe(ROOT / "recipes/pretrain/cpu-tiny.yaml", overrides)
     assert needle in str(e.value)
+
+
+def test_yaml_numbers_are_numbers():
+    r = load_train_recipe(None, ["optim.lr=1", "optim.eps=1e-6", "model.rope_theta=5e5"])
+    assert (r.optim.lr, r.optim.eps, r.model.rope_theta) == (1.0, 1e-6, 5e5)
+    assert type(r.optim.lr) is float  # a YAML integer is a float; 1e-6 is not a string
 
 
 def test_cli_bad_config_is_one_line_exit_2(tmp_path):
