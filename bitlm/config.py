@@ -16,9 +16,9 @@ class ModelConfig:
     """BitLM, the AR baseline (block_size=1, input="embedding", output_head="softmax") and
     BitLM-softmax (output_head="softmax") are all this one config. The defaults are the paper's
     BitLM, the path the fused kernels implement; the best measured quality (docs/quality.md,
-    `bitlm-best`) adds slot_prefix=4, slot_mixer=1, head_posterior_skip, head_width=2 d_model
-    and sample_eta=1 on a dataset with a semantic code table, at a decode-speed cost
-    (docs/speed.md)."""
+    `bitlm-best`) adds slot_prefix=4, slot_mixer=1, input="bit_groups", head_posterior_skip,
+    head_width=2 d_model and sample_eta=1 on a dataset with a semantic code table, at a
+    decode-speed cost (docs/speed.md)."""
 
     vocab_size: int = 256
     block_size: int = 4  # m; 1 gives the ordinary causal mask
