@@ -45,8 +45,28 @@ from bitlm.eval.metrics import (  # noqa: E402
     unigram_entropy,
 )
 from bitlm.eval.ngram import KneserNey  # noqa: E402
-from bitlm.recipe import merge, parse_overrides  # noqa: E402
+from bitlm.recipe import RecipeError, merge, parse_overrides  # noqa: E402
 from bitlm.train.data import Dataset  # noqa: E402
+
+CODE_TABLES = (None, "binary", "frequency", "semantic")
+
+
+def check_grid(grid: dict[str, Any]) -> None:
+    """Every variant's ModelConfig and code table, before any training: a typo in the last
+    variant would otherwise surface after the others have trained. SystemExit names the variant."""
+    names = [v.get("name") for v in grid.get("variants", [])]
+    if not names or None in names or len(set(names)) != len(names):
+        raise SystemExit("error: the grid needs variants, each with a unique name")
+    for v in grid["variants"]:
+        unknown = set(v) - {"name", "model", "code_table"}
+        if unknown:
+            raise SystemExit(f"error: variant {v['name']}: unknown key {sorted(unknown)[0]}")
+        if v.get("code_table") not in CODE_TABLES:
+            raise SystemExit(f"error: variant {v['name']}: unknown code_table {v['code_table']!r}")
+        try:  # the dataset's vocabulary is not known yet; any valid size checks the rest
+            ModelConfig.from_dict({**grid.get("base", {}), **v.get("model", {}), "vocab_size": 256})
+        except (RecipeError, ValueError) as e:
+            raise SystemExit(f"error: variant {v['name']}: {e}") from None
 
 
 def ensure_dataset(path: Path) -> None:
@@ -316,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     grid = yaml.safe_load(Path(a.grid).read_text())
     grid = merge(grid, parse_overrides(a.overrides))
+    check_grid(grid)
     if a.threads:
         torch.set_num_threads(a.threads)
     data = Path(a.data)
