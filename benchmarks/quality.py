@@ -45,7 +45,7 @@ from bitlm.eval.metrics import (  # noqa: E402
     unigram_entropy,
 )
 from bitlm.eval.ngram import KneserNey  # noqa: E402
-from bitlm.recipe import RecipeError, merge, parse_overrides  # noqa: E402
+from bitlm.recipe import merge, parse_overrides  # noqa: E402
 from bitlm.train.data import Dataset  # noqa: E402
 
 CODE_TABLES = (None, "binary", "frequency", "semantic")
@@ -65,7 +65,7 @@ def check_grid(grid: dict[str, Any]) -> None:
             raise SystemExit(f"error: variant {v['name']}: unknown code_table {v['code_table']!r}")
         try:  # the dataset's vocabulary is not known yet; any valid size checks the rest
             ModelConfig.from_dict({**grid.get("base", {}), **v.get("model", {}), "vocab_size": 256})
-        except (RecipeError, ValueError) as e:
+        except ValueError as e:  # RecipeError is one
             raise SystemExit(f"error: variant {v['name']}: {e}") from None
 
 
