@@ -63,13 +63,19 @@ def corpus_files(mb: float) -> list[str]:
 
 
 def recipe(
-    files_dir: str, output: str, tokenizer: str, cpus: int, near: bool, executor: str
+    files_dir: str,
+    output: str,
+    tokenizer: str,
+    cpus: int,
+    near: bool,
+    executor: str,
+    unit_bytes: int = 2_000_000,
 ) -> dict:
     return {
         "name": "bench",
         "inputs": [{"path": files_dir, "glob": "**/*.py", "format": "text", "text_unit": "file"}],
         "output": output,
-        # the frequency code table is counted on a 1 MB sample (tokenised once, in the driver)
+        # the frequency code table is counted on a 1 MB sample (by the scan tasks)
         "tokenizer": {"path": tokenizer, "sample_bytes": 1_000_000},
         "filters": {"min_chars": 1, "max_chars": 10_000_000},
         "near_dedup": {"enabled": near},
@@ -77,7 +83,9 @@ def recipe(
         "seq_len": 1024,
         "block_size": 4,
         "val_fraction": 0.01,
-        "unit_bytes": 4_000_000,
+        # 10 units of 2 MB (plus a small one) for 20 MB: several per CPU, so that the last
+        # wave of tasks is short; a recipe setting, the same at any CPU count
+        "unit_bytes": unit_bytes,
         "progress": False,
         "ray": {"num_cpus": cpus, "executor": executor},
     }
@@ -87,6 +95,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     import ray
 
     cpus = args.cpus[0]
+    import bitlm.codec  # noqa: F401  (imports torch: the driver's code table; imports excluded)
     from bitlm.recipe import from_dict
     from pipeline import run_preprocess
     from pipeline.config import PreprocessConfig
@@ -102,7 +111,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     ray_start = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as out:
         near = args.worker == "pipeline-near"
-        r = recipe(args.files_dir, out, args.tokenizer, cpus, near, args.executor)
+        r = recipe(args.files_dir, out, args.tokenizer, cpus, near, args.executor, args.unit_bytes)
         cfg = from_dict(PreprocessConfig, r)
         t0 = time.perf_counter()
         s = run_preprocess(cfg)
@@ -260,11 +269,12 @@ def driver_memory(sizes: list[int]) -> dict:
     return result
 
 
-def sub(kind: str, cpus: int, files_dir: str, tokenizer: str, executor: str) -> dict:
+def sub(kind: str, cpus: int, files_dir: str, tokenizer: str, a: argparse.Namespace) -> dict:
     env = {**os.environ, "RAYON_NUM_THREADS": str(cpus)}
     env["TOKENIZERS_PARALLELISM"] = "true" if (kind == "raw" and cpus > 1) else "false"
     cmd = [sys.executable, __file__, "--worker", kind, "--cpus", str(cpus)]
-    cmd += ["--files-dir", files_dir, "--tokenizer", tokenizer, "--executor", executor]
+    cmd += ["--files-dir", files_dir, "--tokenizer", tokenizer, "--executor", a.executor]
+    cmd += ["--unit-bytes", str(a.unit_bytes)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=3000)
     if r.returncode != 0:
         raise RuntimeError(f"{kind} at {cpus} CPUs failed:\n{r.stderr[-4000:]}")
@@ -280,7 +290,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--driver-docs", type=int, nargs="+", default=None)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--executor", choices=["data", "tasks"], default="data", help="ray.executor")
+    ap.add_argument("--executor", choices=["data", "tasks"], default="tasks", help="ray.executor")
+    ap.add_argument("--unit-bytes", type=int, default=2_000_000, help="the recipe's unit_bytes")
     workers = ["pipeline", "pipeline-near", "raw", "driver", "driver-near"]
     ap.add_argument("--worker", choices=workers, default=None)
     ap.add_argument("--files-dir", default=None)
@@ -330,7 +341,7 @@ def main() -> None:
                 "bytes": sum(os.path.getsize(p) for p in files),
             },
             "vocab_size": a.vocab,
-            "unit_bytes": recipe("", "", "", 1, False, a.executor)["unit_bytes"],
+            "unit_bytes": a.unit_bytes,
             "tokenizer_train_seconds": train_s,
             "runs": {},
         }
@@ -343,7 +354,7 @@ def main() -> None:
         for rep in range(a.repeat):
             for n in a.cpus:
                 for k in kinds if rep % 2 == 0 else kinds[::-1]:
-                    got[str(n)][k].append(sub(k, n, str(src), str(tok_path), a.executor))
+                    got[str(n)][k].append(sub(k, n, str(src), str(tok_path), a))
                 print(f"repeat {rep} cpus={n}: {json.dumps(got[str(n)])}", file=sys.stderr)
         best = lambda rs: min(rs, key=lambda r: r["seconds"])
         for n in a.cpus:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bitlm.codec import SEMANTIC_MAX_VOCAB
 from bitlm.recipe import RecipeError, load_recipe, to_dict
 from pipeline.neardedup import Banding
 from pipeline.readers import DEFAULT_MAX_DOC_BYTES, DEFAULT_MAX_DOCS, DEFAULT_MAX_FILE_BYTES
@@ -152,10 +151,10 @@ class RayConfig:
     address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else a local instance
     num_cpus: int | None = None  # for a local instance; None = all cores
     cpus_per_task: float = 1.0  # each unit of work is one Ray task of this many CPUs
-    # how the passes run their units: data, a Ray Data map (one block per unit; the design's
-    # stack), or tasks, plain Ray tasks (no Data executor: ~1-5 s less per pass, which only
-    # small runs notice; docs/preprocessing.md). Same results either way.
-    executor: Literal["data", "tasks"] = "data"
+    # how the passes run their units: tasks, plain Ray tasks, or data, a Ray Data map (one
+    # block per unit). Same results either way; data costs a fixed ~1-4 s per run on a fresh
+    # Ray (two actors and two cold workers, the driver's executor), docs/preprocessing.md
+    executor: Literal["data", "tasks"] = "tasks"
     # new input bytes per dedup resolve task (each resolves a range of key prefixes; <= 256)
     dedup_part_bytes: int = 1 << 30
 
@@ -201,6 +200,8 @@ class PreprocessConfig:
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise RecipeError(f"{k} must be >= 1 or null")
+        from bitlm.codec import SEMANTIC_MAX_VOCAB  # here: bitlm.codec imports torch
+
         if self.code_table == "semantic" and self.tokenizer.vocab_size > SEMANTIC_MAX_VOCAB:
             raise RecipeError(
                 f"code_table=semantic supports tokenizer.vocab_size <= {SEMANTIC_MAX_VOCAB}"

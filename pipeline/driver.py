@@ -2,14 +2,15 @@
 
 Order of a run (each step resumable; the manifest is the commit point, written last):
 1. list inputs (sorted); inputs already in the manifest are done: nothing new -> no work.
-2. tokenizer + code table: kept from the dataset, or built once (first run) and marked.
+2. tokenizer + code table: kept from the dataset, or built once (first run) and marked (a
+   ``frequency`` table after the scan, from the sample's token counts the scan tasks return).
 3. plan units: the new files in sorted order, grouped into units of about ``unit_bytes``.
 4. scan pass: the only read of each input; per unit the index file (path, position, hash, drop
-   reason of every document), the staged code words and the dedup keys (``pipeline.units``).
+   reason of every document), the staged token ids and the dedup keys (``pipeline.units``).
 5. dedup pass: one task per part (a range of key prefixes) against the dataset's sharded state
    (``pipeline.dedup``); the driver holds no key.
-6. encode pass: packs each unit's staged documents less its (near) duplicates into shards,
-   skipping units whose marker matches the plan.
+6. encode pass: code words of each unit's staged documents less its (near) duplicates, packed
+   into shards, skipping units whose marker matches the plan.
 7. manifest (temp + rename / one PUT), then remove ``_work/`` and uncommitted state files.
 
 No document and no file aborts a run: bad content is a counted drop (readers/steps), and a file
@@ -64,8 +65,21 @@ from pipeline.storage import (
     s3_options_from_env,
     without_credentials,
 )
-from pipeline.tokenizer import build_code_table, eod_id_of, sample_order, train_bpe
-from pipeline.units import index_bands, index_rows, read_input, run_spec
+from pipeline.tokenizer import (
+    build_code_table,
+    eod_id_of,
+    frequency_table,
+    sample_order,
+    train_bpe,
+)
+from pipeline.units import (
+    DOCS_META,
+    index_bands,
+    index_rows,
+    read_input,
+    run_batch,
+    run_spec,
+)
 
 __all__ = ["FORMAT_VERSION", "PreprocessError", "read_manifest", "run_preprocess", "storage_for"]
 
@@ -188,15 +202,18 @@ def _plan_units(files: list[dict[str, Any]], unit_bytes: int) -> list[list[dict[
 
 
 # ---- tokenizer and code table --------------------------------------------------------------------
-def _sample_texts(
+def _sample(
     storage: Storage, cfg: PreprocessConfig, files: list[dict[str, Any]]
-) -> list[str]:
-    """Documents that pass the filters, files in ``sample_order``, until ``sample_bytes`` of
-    text. A file is read only as far as the sample needs: up to 4x the bytes still missing
-    (at least 1 MiB), more only when that was not enough, so a large file costs about the
-    sample, not its size."""
+) -> tuple[list[str], dict[str, int]]:
+    """(the sample's texts, {path: how many of its documents it took}): documents that pass
+    the filters, files in ``sample_order``, until ``sample_bytes`` of text. The documents a
+    file gives are its first alive ones in order (a read cut short keeps a prefix), so the scan
+    finds the same ones by count. A file is read only as far as the sample needs: up to 4x the
+    bytes still missing (at least 1 MiB), more only when that was not enough, so a large file
+    costs about the sample, not its size."""
     by_path = {f["path"]: f for f in files}
     out: list[str] = []
+    taken: dict[str, int] = {}
     total = 0
     flt = cfg.filters
     limits = asdict(cfg.limits)
@@ -219,10 +236,43 @@ def _sample_texts(
             cap = min(limits["max_file_bytes"], 4 * cap)
         for t in texts:
             out.append(t)
+            taken[p] = taken.get(p, 0) + 1
             total += len(t)
             if total >= cfg.tokenizer.sample_bytes:
-                return out
-    return out
+                return out, taken
+    return out, taken
+
+
+def _sample_texts(
+    storage: Storage, cfg: PreprocessConfig, files: list[dict[str, Any]]
+) -> list[str]:
+    """The texts of the tokenizer sample (``_sample``)."""
+    return _sample(storage, cfg, files)[0]
+
+
+def _codec_facts(cfg: PreprocessConfig, tok_text: str, table_text: str) -> dict[str, Any]:
+    """The manifest's codec fields of a tokenizer and code table."""
+    from tokenizers import Tokenizer
+
+    from bitlm.codec import CodeTable
+
+    tok = Tokenizer.from_str(tok_text)
+    table = CodeTable.from_json(table_text)
+    v = tok.get_vocab_size()
+    if table.vocab_size != v:
+        raise PreprocessError(f"code table is for V={table.vocab_size}, tokenizer has V={v}")
+    eod = eod_id_of(tok, cfg.tokenizer.eod_token)
+    code = table.code_of_id
+    return {
+        "vocab_size": v,
+        "num_bits": max(1, int(np.ceil(np.log2(v)))),
+        "codeword_dtype": codeword_dtype(v).name,
+        "eod_id": eod,
+        "eod_code": eod if code is None else int(code[eod]),
+        "tokenizer_hash": tokenizer_hash(tok_text),
+        "code_table_hash": table.hash,
+        "code_table_kind": table.kind,
+    }
 
 
 def _ensure_codec(
@@ -231,56 +281,38 @@ def _ensure_codec(
     cfg: PreprocessConfig,
     manifest: Manifest | None,
     files: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """The dataset's codec facts; builds tokenizer.json and code_table.json on the first run."""
+) -> tuple[dict[str, Any], dict[str, int] | None]:
+    """(the dataset's codec facts, None) when the code table exists or is built here (kept from
+    the dataset; ``binary``; ``semantic``, which needs the sample's token sequences), else
+    (``{"tokenizer_hash"}``, the sample ``{path: documents}``): a first run's ``frequency``
+    table is counted by the scan tasks, which tokenise the sample's documents anyway
+    (``_finish_codec``). Builds and writes tokenizer.json on the first run."""
     from tokenizers import Tokenizer
 
-    from bitlm.codec import CodeTable
-
-    def facts(tok_text: str, table_text: str) -> dict[str, Any]:
-        tok = Tokenizer.from_str(tok_text)
-        table = CodeTable.from_json(table_text)
-        v = tok.get_vocab_size()
-        if table.vocab_size != v:
-            raise PreprocessError(f"code table is for V={table.vocab_size}, tokenizer has V={v}")
-        eod = eod_id_of(tok, cfg.tokenizer.eod_token)
-        code = table.code_of_id
-        return {
-            "vocab_size": v,
-            "num_bits": max(1, int(np.ceil(np.log2(v)))),
-            "codeword_dtype": codeword_dtype(v).name,
-            "eod_id": eod,
-            "eod_code": eod if code is None else int(code[eod]),
-            "tokenizer_hash": tokenizer_hash(tok_text),
-            "code_table_hash": table.hash,
-            "code_table_kind": table.kind,
-        }
+    def read(name: str) -> str:
+        return storage.read_bytes(f"{root}/{name}").decode()
 
     if manifest is not None:
-        f = facts(
-            storage.read_bytes(f"{root}/tokenizer.json").decode(),
-            storage.read_bytes(f"{root}/code_table.json").decode(),
-        )
+        f = _codec_facts(cfg, read("tokenizer.json"), read("code_table.json"))
         for k in ("tokenizer_hash", "code_table_hash"):
             if f[k] != getattr(manifest, k):
                 raise PreprocessError(f"{root}: {k} does not match the manifest (dataset damaged)")
-        return f
+        return f, None
     marker = f"{root}/_work/codec.json"
     if storage.exists(marker):
         m = json.loads(storage.read_bytes(marker))
-        if m.get("content") == cfg.content():
+        if m.get("content") == cfg.content() and m.get("version") == 2:
             try:
-                f = facts(
-                    storage.read_bytes(f"{root}/tokenizer.json").decode(),
-                    storage.read_bytes(f"{root}/code_table.json").decode(),
-                )
-                if f["tokenizer_hash"] == m["tokenizer_hash"]:
-                    _log("reusing the tokenizer and code table of the interrupted run")
-                    return f
+                tok_text = read("tokenizer.json")
+                if tokenizer_hash(tok_text) == m["tokenizer_hash"]:
+                    _log("reusing the tokenizer (and code table) of the interrupted run")
+                    if m.get("sample") is not None:
+                        return {"tokenizer_hash": m["tokenizer_hash"]}, m["sample"]
+                    return _codec_facts(cfg, tok_text, read("code_table.json")), None
             except (OSError, ValueError, StorageError):
                 pass
     t0 = time.perf_counter()
-    sample = _sample_texts(storage, cfg, files)
+    sample, taken = _sample(storage, cfg, files)
     if cfg.tokenizer.path:
         tok_text = storage.read_bytes(cfg.tokenizer.path).decode()
         try:
@@ -305,14 +337,42 @@ def _ensure_codec(
         eod = eod_id_of(tok, cfg.tokenizer.eod_token)
     except ValueError as e:
         raise PreprocessError(str(e)) from None
-    table = build_code_table(cfg.code_table, tok, sample, eod)
     storage.write_atomic(f"{root}/tokenizer.json", tok_text.encode())
+    th = tokenizer_hash(tok_text)
+    deferred = cfg.code_table == "frequency"
+    if not deferred:
+        table = build_code_table(cfg.code_table, tok, sample, eod)
+        storage.write_atomic(f"{root}/code_table.json", table.to_json().encode())
+    m = {"content": cfg.content(), "tokenizer_hash": th, "version": 2}
+    m["sample"] = dict(sorted(taken.items())) if deferred else None
+    storage.write_atomic(marker, _canon(m))
+    if deferred:
+        return {"tokenizer_hash": th}, m["sample"]
+    return _codec_facts(cfg, tok_text, read("code_table.json")), None
+
+
+def _finish_codec(
+    storage: Storage,
+    root: str,
+    cfg: PreprocessConfig,
+    sample: dict[str, int],
+    counts: list[dict[str, list[int]]],
+) -> dict[str, Any]:
+    """The first run's ``frequency`` code table from the scan tasks' token counts of the
+    sample's documents (the same table ``build_code_table`` makes from the sample's texts);
+    writes code_table.json and returns the codec facts."""
+    from tokenizers import Tokenizer
+
+    tok_text = storage.read_bytes(f"{root}/tokenizer.json").decode()
+    tok = Tokenizer.from_str(tok_text)
+    eod = eod_id_of(tok, cfg.tokenizer.eod_token)
+    total = np.zeros(tok.get_vocab_size(), np.int64)
+    for c in counts:
+        np.add.at(total, np.asarray(c["ids"], np.int64), np.asarray(c["counts"], np.int64))
+    total[eod] += sum(sample.values())  # each sample document ends with <|eod|>
+    table = frequency_table(total)
     storage.write_atomic(f"{root}/code_table.json", table.to_json().encode())
-    f = facts(tok_text, table.to_json())
-    storage.write_atomic(
-        marker, _canon({"content": cfg.content(), "tokenizer_hash": f["tokenizer_hash"]})
-    )
-    return f
+    return _codec_facts(cfg, tok_text, table.to_json())
 
 
 # ---- Ray ---------------------------------------------------------------------------------------
@@ -356,6 +416,7 @@ def _ray_map(
     opts: dict[str, Any] = {"num_cpus": cfg.ray.cpus_per_task, "max_retries": 3}
     if env:
         opts["runtime_env"] = {"env_vars": env}
+    specs = [{**s, "cpus": cfg.ray.cpus_per_task} for s in specs]
     if cfg.ray.executor == "data":
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = ctx.enable_operator_progress_bars = cfg.progress
@@ -363,7 +424,7 @@ def _ray_map(
         ds = ray.data.from_items(
             [{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs)
         ).map_batches(  # Ray Data retries a task whose worker dies on its own
-            _run_batch,
+            run_batch,  # from pipeline.units: a worker imports only that light module
             batch_size=1,
             num_cpus=opts["num_cpus"],
             runtime_env=opts.get("runtime_env"),
@@ -383,9 +444,11 @@ def _ray_map(
     return out
 
 
-def _run_batch(batch: dict[str, Any]) -> dict[str, list[str]]:
-    """Ray Data's form of run_spec: a batch of one spec in, its result out."""
-    return {"result": [run_spec(s) for s in batch["spec"]]}
+def _staged_sample_counts(storage: Storage, root: str, work: str) -> dict[str, list[int]]:
+    """The sample token counts a finished scan staged with its documents (``scan_unit``)."""
+    data = storage.read_bytes(f"{root}/_work/docs/{work}.ids.parquet")
+    meta = pq.read_schema(pa.BufferReader(data)).metadata[DOCS_META]
+    return json.loads(meta)["sample_counts"]
 
 
 def _as_completed(pending: list[Any]) -> Iterator[str]:
@@ -556,7 +619,7 @@ def _run(
             skipped[path] = why
             _log(f"WARNING: skipping {_show(path)} in this run ({why}); the next run retries it")
 
-    codec = _ensure_codec(storage, root, cfg, manifest, new)
+    codec, sample = _ensure_codec(storage, root, cfg, manifest, new)
     lap("codec")
     _maybe_kill("after_codec")
     run_no = (len(manifest.runs) if manifest is not None else 0) + 1
@@ -578,10 +641,13 @@ def _run(
     new_bytes = sum(f["size"] for f in new)
     parts = min(1 << PREFIX_BITS, max(1, -(-new_bytes // cfg.ray.dedup_part_bytes)))
     done_index = set(storage.list_names(f"{root}/index"))
-    done_work = set(storage.list_names(f"{root}/_work/docs")) & set(
-        storage.list_names(f"{root}/_work/keys")
-    )
+    # staged documents hold token ids (``.ids``; the encode pass applies the code table)
+    staged = storage.list_names(f"{root}/_work/docs")
+    done_work = {n.removesuffix(".ids.parquet") for n in staged if n.endswith(".ids.parquet")}
+    done_work &= {n.removesuffix(".parquet") for n in storage.list_names(f"{root}/_work/keys")}
     scan_specs = []
+    scan_bytes: dict[str, int] = {}
+    resumed_counts: list[dict[str, list[int]]] = []
     unit_work: dict[str, str] = {}
     for uid, u in zip(unit_ids, units, strict=True):
         files_key = (f"{f['path']}\0{f['size']}\0{f['mtime']}" for f in u)
@@ -591,14 +657,18 @@ def _run(
             f["index"] = index
         work = _key(index, codec["tokenizer_hash"], cfg.val_fraction, cfg.rejects, parts)
         unit_work[uid] = work
-        if index.split("/")[-1] in done_index and f"{work}.parquet" in done_work:
+        in_sample = {f["path"]: sample[f["path"]] for f in u if sample and f["path"] in sample}
+        if index.split("/")[-1] in done_index and work in done_work:
+            if in_sample:  # scanned by an interrupted run: its sample counts are staged
+                resumed_counts.append(_staged_sample_counts(storage, root, work))
             continue
+        scan_bytes[uid] = sum(f["size"] for f in u)
         scan_specs.append(
             {
                 "kind": "scan",
                 "unit": uid,
                 "index": index,
-                "docs": f"_work/docs/{work}.parquet",
+                "docs": f"_work/docs/{work}.ids.parquet",
                 "keys": f"_work/keys/{work}.parquet",
                 "parts": parts,
                 "files": u,
@@ -606,15 +676,28 @@ def _run(
                 "tokenizer_hash": codec["tokenizer_hash"],
                 "val_fraction": cfg.val_fraction,
                 "rejects": cfg.rejects,
+                "sample": in_sample,
                 **common,
             }
         )
+    # largest units first, so that the last wave of tasks is the shortest (the results do not
+    # depend on the order)
+    scan_specs.sort(key=lambda sp: -scan_bytes[sp["unit"]])
+    counts = list(resumed_counts)
     for r in _ray_map(cfg, scan_specs, "scan"):
         for p, why in sorted(r.get("skipped", {}).items()):
             skip(p, why)
-    for p in _unindexed(storage, root, new):
+        if r.get("sample_counts"):
+            counts.append(r["sample_counts"])
+    # units scanned now named their unreadable files; those of an interrupted run's scans are
+    # found in their index files
+    scanned = {f["index"] for sp in scan_specs for f in sp["files"]}
+    for p in _unindexed(storage, root, [f for f in new if f["index"] not in scanned]):
         skip(p, "unreadable")
     lap("scan")
+    if sample is not None:
+        codec = _finish_codec(storage, root, cfg, sample, counts)
+        lap("code_table")
     _maybe_kill("after_scan")
 
     # dedup: one resolve task per part (a range of key prefixes), against the dataset's state
@@ -673,10 +756,11 @@ def _run(
                 "kind": "encode",
                 "unit": uid,
                 "plan": plan,
-                "docs": f"_work/docs/{unit_work[uid]}.parquet",
+                "docs": f"_work/docs/{unit_work[uid]}.ids.parquet",
                 "verdicts": verdicts,
                 "near": near is not None,
                 "vocab_size": codec["vocab_size"],
+                "code_table_hash": codec["code_table_hash"],
                 "eod_code": codec["eod_code"],
                 "seq_len": cfg.seq_len,
                 "row_group_rows": cfg.row_group_rows,

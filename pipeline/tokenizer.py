@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 if TYPE_CHECKING:
     from bitlm.codec import CodeTable
 
-__all__ = ["build_code_table", "eod_id_of", "train_bpe"]
+__all__ = ["build_code_table", "eod_id_of", "frequency_table", "sample_order", "train_bpe"]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, eod_token: str) -> str:
@@ -64,7 +64,15 @@ def build_code_table(kind: str, tokenizer: Tokenizer, sample: list[str], eod_id:
     counts[eod_id] += len(sample)
     if kind == "semantic":
         return CodeTable.semantic(docs, vocab)
-    return CodeTable.frequency(counts.tolist(), vocab)
+    return frequency_table(counts)
+
+
+def frequency_table(counts: np.ndarray) -> CodeTable:
+    """The ``frequency`` code table of per-id token counts (the end-of-document token counted
+    once per document). The first run's scan tasks count the sample's tokens for it."""
+    from bitlm.codec import CodeTable
+
+    return CodeTable.frequency(np.asarray(counts, np.int64).tolist(), len(counts))
 
 
 def sample_order(paths: list[str]) -> list[str]:

@@ -6,7 +6,7 @@ marker, so a killed run that is rerun finds the finished units and redoes only t
 
 - scan, the only read of the inputs: read -> decode -> normalise -> filters -> hash (-> MinHash
   band keys with near_dedup) -> split -> tokenise -> bit-encode, for each file. Writes the
-  unit's staged documents (``_work/docs/``: place, reasons, split, code words; with rejects the
+  unit's staged documents (``_work/docs/``: place, reasons, split, token ids; with rejects the
   text), its dedup keys (``_work/keys/``, ``pipeline.dedup``) and, last, one
   ``index/<key>.parquet`` (one row per document: file path, position, hash, drop reason, and
   the ``bands`` keys with near_dedup; <key> hashes the run number, the limits, the near_dedup
@@ -75,11 +75,13 @@ __all__ = [
     "index_rows",
     "index_table",
     "read_input",
+    "run_batch",
     "run_spec",
     "scan_unit",
 ]
 
-_CACHE: dict[str, Any] = {}
+_TOKENIZERS: dict[str, Any] = {}  # per worker process: the last dataset's tokenizer
+_TABLES: dict[str, np.ndarray] = {}  # and code table
 
 
 def read_input(storage: Storage, f: dict[str, Any], limits: dict[str, Any] | None) -> Batch:
@@ -209,7 +211,7 @@ DOCS_META = b"bitlm.docs"
 
 def _docs_table(rows: dict[str, list[Any]], codes: list[np.ndarray], dtype: np.dtype) -> pa.Table:
     """A unit's staged documents (every document of its files, in file order): place, scan
-    reason, late reason, split, token count, code words, and the text / reject line for
+    reason, late reason, split, token count, token ids, and the text / reject line for
     rejects."""
     lens = np.fromiter((len(c) for c in codes), np.int64, count=len(codes))
     offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
@@ -236,9 +238,15 @@ def scan_unit(spec: dict[str, Any]) -> dict[str, Any]:
     storage = Storage(with_env_credentials(spec["s3"]))
     root = spec["root"]
     t0 = time.perf_counter()
-    tok, code_of_id = _dataset_codec(storage, root, spec["tokenizer_hash"])
-    dtype = codeword_dtype(len(code_of_id))
-    tokenise, encode = Tokenise(tok), Encode(code_of_id, dtype)
+    tok = _dataset_tokenizer(storage, root, spec["tokenizer_hash"])
+    vocab = tok.get_vocab_size()
+    dtype = codeword_dtype(vocab)
+    # token ids are staged as they are (the identity table: the same dtype and range checks as
+    # code words); the encode pass maps them through the code table, which the first run
+    # counts from the scan (``sample``: {path: its first documents in the tokenizer sample})
+    tokenise, encode = Tokenise(tok), Encode(np.arange(vocab), dtype)
+    sample: dict[str, int] = spec.get("sample") or {}
+    sample_ids: list[np.ndarray] = []
     split = SplitByHash(spec["val_fraction"])
     counters: dict[str, dict[str, int]] = {}
     nbytes = 0
@@ -273,6 +281,9 @@ def scan_unit(spec: dict[str, Any]) -> dict[str, Any]:
         )
         files.append({"path": f["path"], "f": f["f"], "docs": len(scan)})
         batch = run_steps([split, tokenise, encode], batch)
+        if f["path"] in sample:
+            first = [i for i, r in enumerate(scan) if r is None][: sample[f["path"]]]
+            sample_ids += [batch["ids"][i] for i in first if batch["ids"][i] is not None]
         for i, r in enumerate(scan):
             rows["f"].append(f["f"])
             rows["pos"].append(batch["index"][i])
@@ -290,7 +301,12 @@ def scan_unit(spec: dict[str, Any]) -> dict[str, Any]:
                 rows["text"].append(text if r is None else None)
                 rows["reject"].append(None if r is None else _reject_line(rec))
     table = _docs_table(rows, codes, dtype)
-    meta = {"files": files, "counters": counters}
+    sample_counts = None
+    if sample:
+        c = np.bincount(np.concatenate([np.zeros(0, np.int64), *sample_ids]), minlength=vocab)
+        nz = np.flatnonzero(c)
+        sample_counts = {"ids": nz.tolist(), "counts": c[nz].tolist()}
+    meta = {"files": files, "counters": counters, "sample_counts": sample_counts}
     table = table.replace_schema_metadata({DOCS_META: json.dumps(meta).encode()})
     storage.write_atomic(f"{root}/{spec['docs']}", _table_bytes(table))
     storage.write_atomic(f"{root}/{spec['keys']}", keys_table_bytes(keys, spec["parts"]))
@@ -302,6 +318,7 @@ def scan_unit(spec: dict[str, Any]) -> dict[str, Any]:
         "bytes": nbytes,
         "seconds": time.perf_counter() - t0,
         "skipped": skipped,
+        "sample_counts": sample_counts,
     }
 
 
@@ -313,18 +330,27 @@ def _reject_line(rec: dict[str, Any]) -> bytes:
         return json.dumps(rec).encode("ascii") + b"\n"
 
 
-def _dataset_codec(storage: Storage, root: str, tok_hash: str) -> tuple[Any, np.ndarray]:
-    """(tokenizer, code_of_id) of a dataset, cached per worker process."""
+def _dataset_tokenizer(storage: Storage, root: str, tok_hash: str) -> Any:
+    """The dataset's tokenizer, cached per worker process (the last one used)."""
     key = f"{root}|{tok_hash}"
-    if key not in _CACHE:
+    if key not in _TOKENIZERS:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_str(storage.read_bytes(f"{root}/{TOKENIZER_FILE}").decode())
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = tok
+    return _TOKENIZERS[key]
+
+
+def _dataset_code_of_id(storage: Storage, root: str, table_hash: str) -> np.ndarray:
+    """The dataset's id -> code word map (``code_table.json``), cached per worker process."""
+    key = f"{root}|{table_hash}"
+    if key not in _TABLES:
         path = f"{root}/{CODE_TABLE_FILE}"
-        codes = code_of_id(storage.read_bytes(path).decode(), path)
-        _CACHE.clear()
-        _CACHE[key] = (tok, codes)
-    return _CACHE[key]
+        table = code_of_id(storage.read_bytes(path).decode(), path)
+        _TABLES.clear()
+        _TABLES[key] = table
+    return _TABLES[key]
 
 
 def _late_counters(
@@ -361,9 +387,11 @@ def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
     meta = json.loads(table.schema.metadata[DOCS_META])
     counters: dict[str, dict[str, int]] = meta["counters"]
     code_col = table.column("codes").combine_chunks()
-    flat = code_col.values.to_numpy(zero_copy_only=False)
-    offsets = code_col.offsets.to_numpy()
     dtype = codeword_dtype(int(spec["vocab_size"]))
+    # the scan staged token ids: code words through the code table
+    table_of = _dataset_code_of_id(storage, root, spec["code_table_hash"]).astype(dtype)
+    flat = table_of[code_col.values.to_numpy(zero_copy_only=False)]
+    offsets = code_col.offsets.to_numpy()
     f_of = [f["f"] for f in meta["files"]]
     hits = read_hits(storage, root, spec["verdicts"], min(f_of, default=0), max(f_of, default=-1))
     cols = {c: table.column(c).to_pylist() for c in ("f", "pos", "reason", "late", "val", "ntok")}
@@ -467,7 +495,17 @@ def encode_unit(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_spec(spec: str) -> str:
-    """A Ray task's entry: one JSON spec in, one JSON result out."""
+    """A Ray task's entry: one JSON spec in, one JSON result out. ``cpus``: the CPUs the task
+    holds, which pyarrow's thread pool keeps to (by default it takes every core of the node,
+    and on a small node the tasks' pools then compete for the same cores)."""
     d = json.loads(spec)
+    cpus = max(1, int(d.get("cpus", 0)))
+    if "cpus" in d and pa.cpu_count() != cpus:
+        pa.set_cpu_count(cpus)
     fn = {"scan": scan_unit, "resolve": resolve_part, "encode": encode_unit}[d["kind"]]
     return json.dumps(fn(d))
+
+
+def run_batch(batch: dict[str, Any]) -> dict[str, list[str]]:
+    """Ray Data's form of ``run_spec`` (``map_batches``): a batch of specs in, results out."""
+    return {"result": [run_spec(s) for s in batch["spec"]]}

@@ -200,7 +200,7 @@ def test_incompatible_recipe_is_refused(ray_local, corpus, make_config, tmp_path
 def test_both_executors_write_the_same_dataset(
     ray_local, corpus, make_config, pp, tmp_path: Path
 ) -> None:
-    """ray.executor data (a Ray Data map, the default) and tasks (plain Ray tasks) run the same
+    """ray.executor tasks (plain Ray tasks, the default) and data (a Ray Data map) run the same
     units: byte-identical datasets."""
     trees = []
     for executor in ("data", "tasks"):

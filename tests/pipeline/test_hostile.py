@@ -624,3 +624,27 @@ def test_hostile_corpus_end_to_end(ray_local, pp, tmp_path: Path) -> None:
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0 and "Traceback" not in r2.stderr, r2.stderr[-3000:]
     assert json.loads(r2.stdout.strip().splitlines()[-1])["work_done"] is False
+
+
+def test_frequency_table_counted_by_the_scan_is_the_drivers_own(
+    local_driver, corpus, make_config, tmp_path: Path
+) -> None:
+    """A first run's frequency code table is counted by the scan tasks from the documents the
+    driver picked for the sample (the first documents of line, JSON and Parquet files, cut at
+    sample_bytes): it equals the table the driver makes by tokenising those texts itself."""
+    from tokenizers import Tokenizer
+
+    from pipeline.driver import _file_spec, _list_inputs, _sample_texts
+    from pipeline.storage import Storage
+    from pipeline.tokenizer import build_code_table, eod_id_of
+
+    for sample_bytes in (700, 5000, 10**9):  # a few files; more; every document
+        out = tmp_path / f"ds{sample_bytes}"
+        over = {"tokenizer": {"vocab_size": 300, "sample_bytes": sample_bytes}}
+        _run(make_config, corpus.inputs(), out, **over)
+        cfg = make_config(corpus.inputs(), str(out), unit_bytes=1, **over)
+        files = [_file_spec(f, s) for f, s in _list_inputs(Storage(), cfg)]
+        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+        sample = _sample_texts(Storage(), cfg, files)
+        table = build_code_table("frequency", tok, sample, eod_id_of(tok, "<|eod|>"))
+        assert (out / "code_table.json").read_text() == table.to_json()
