@@ -11,11 +11,19 @@ from torch import Tensor
 
 from .config import ModelConfig
 
-__all__ = ["ddim_step", "diffusion_loss", "euler_sample", "sample_time", "slot_times"]
+__all__ = [
+    "ddim_step",
+    "diffusion_loss",
+    "euler_sample",
+    "sample_time",
+    "sampler_times",
+    "slot_times",
+]
 
-# x0_fn(x_t [r, m, B], t [r], x_sc [r, m, B] | None, rows [r] | None) -> x0_hat [r, m, B]:
-# rows (indices into the R blocks) when only some blocks are still being denoised
-X0Fn = Callable[[Tensor, Tensor, Tensor | None, Tensor | None], Tensor]
+# x0_fn(x_t [r, m, B], t [r], x_sc [r, m, B] | None, rows [r] | None, i) -> x0_hat [r, m, B]:
+# rows (indices into the R blocks) when only some blocks are still being denoised; i: the step,
+# whose schedule position is sampler_times(...)[i]
+X0Fn = Callable[[Tensor, Tensor, Tensor | None, Tensor | None, int], Tensor]
 
 V_LOSS_MIN_T = 0.05  # velocity-loss clamp, as in JiT/BitDance
 
@@ -66,6 +74,14 @@ def diffusion_loss(
     if t.dim() == 2:
         w = w * (t > 0)
     return (err.mean(-1) * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def sampler_times(steps: int, m: int = 1, stagger: float = 0.0, device=None) -> Tensor:
+    """The schedule positions of euler_sample's steps: from 1 + stagger (m - 1) down to 0 in
+    steps (stagger 0) or ceil(steps (1 + stagger (m - 1))) equal steps. -> [n + 1]."""
+    span = 1.0 + stagger * (m - 1)
+    n = steps if stagger == 0 else math.ceil(steps * span)
+    return torch.linspace(span, 0.0, n + 1, device=device)
 
 
 @torch.no_grad()
@@ -120,9 +136,8 @@ def euler_sample(
         known_noise = torch.randn(shape, device=device, generator=generator).to(dtype)
         km = known_mask[..., None]
     m = shape[1]
-    span = 1.0 + stagger * (m - 1)
-    n = steps if stagger == 0 else math.ceil(steps * span)
-    taus = torch.linspace(span, 0.0, n + 1, device=device)
+    taus = sampler_times(steps, m, stagger, device)
+    n = len(taus) - 1
     x_sc = prev = None
     done = torch.zeros(shape[0], dtype=torch.bool, device=device)  # committed rows
     evals = torch.zeros(shape[0], dtype=torch.long, device=device)
@@ -144,9 +159,9 @@ def euler_sample(
             rows = (~done).nonzero()[:, 0]
             sc = None if x_sc is None else x_sc[rows]
             x0 = prev.clone()
-            x0[rows] = x0_fn(x[rows], tt[rows], sc, rows)
+            x0[rows] = x0_fn(x[rows], tt[rows], sc, rows, i)
         else:
-            x0 = x0_fn(x, tt, x_sc, None)
+            x0 = x0_fn(x, tt, x_sc, None, i)
         evals += ~done
         x_sc = x0 if self_conditioning else None
         # slots (bits) already clean (t = 0) or not started (t = t_next = 1) do not move

@@ -183,7 +183,7 @@ def test_adaptive_denoising_commits_confident_rows_only() -> None:
 
     flips = {"n": 0}
 
-    def x0_fn(x, t, sc, rows):
+    def x0_fn(x, t, sc, rows, i):
         flips["n"] += 1
         out = torch.full_like(x, 0.9)
         rows = torch.arange(2) if rows is None else rows
@@ -203,11 +203,11 @@ def test_adaptive_denoising_commits_confident_rows_only() -> None:
     assert torch.equal(adapt[0], torch.full((3, 5), 0.9, dtype=torch.float64))  # committed
     assert torch.equal(adapt[1], fixed[1])
     _, k_one = euler_sample(
-        lambda x, t, sc, rows: torch.full_like(x, 0.9), (2, 3, 5), 8, commit=0.5, **kw
+        lambda x, t, sc, rows, i: torch.full_like(x, 0.9), (2, 3, 5), 8, commit=0.5, **kw
     )
     assert k_one.tolist() == [2, 2]  # the second evaluation confirms the signs
     _, k_strict = euler_sample(
-        lambda x, t, sc, rows: torch.full_like(x, 0.9), (2, 3, 5), 8, commit=0.95, **kw
+        lambda x, t, sc, rows, i: torch.full_like(x, 0.9), (2, 3, 5), 8, commit=0.95, **kw
     )
     assert k_strict.tolist() == [8, 8]
 
@@ -229,6 +229,47 @@ def test_adaptive_denoising_strictest_is_fixed_k_and_saves_steps() -> None:
     assert outs[2].shape == outs[0].shape and int(outs[2].max()) < 50
     with pytest.raises(ValueError, match="sample_commit"):
         tiny(sample_commit=1.5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(self_conditioning=True, head_cond_input=True),
+        dict(head_posterior_skip=True, slot_prefix=2),
+    ],
+)
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_planned_sampler_head_equals_the_per_step_head(kw, cfg_scale) -> None:
+    """The sampler computes the head's modulations for all K steps at once (guided(times=...));
+    every step's x0_hat equals the head evaluated from scratch at that step's time, for all
+    rows and for a subset (adaptive denoising), with and without guidance."""
+    from bitlm.diffusion import sampler_times
+
+    torch.manual_seed(0)
+    model = BitLM(tiny(**kw)).double().eval()
+    head = model.head
+    with torch.no_grad():  # leave the zero-initialised adaLN: every modulation must matter
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    R, m, B = 3, 4, model.config.num_bits
+    slot = 1 if kw.get("slot_prefix") else None
+    h = torch.randn(R, 1 if slot is not None else m, model.config.d_model, dtype=torch.double)
+    times = sampler_times(5)[:-1]
+    planned = head.guided(h, cfg_scale, slot, times)
+    fresh = head.guided(h, cfg_scale, slot)
+    x = torch.randn(R, h.shape[1], B, dtype=torch.double)
+    sc = torch.randn_like(x) if kw.get("self_conditioning") else None
+    rows = torch.tensor([0, 2])
+    with torch.no_grad():
+        for i, t in enumerate(times):
+            tt = t.expand(R).double()
+            want = fresh(x, tt, sc, None, i)
+            torch.testing.assert_close(planned(x, tt, sc, None, i), want, rtol=0, atol=1e-12)
+            got = planned(x[rows], tt[rows], None if sc is None else sc[rows], rows, i)
+            torch.testing.assert_close(got, want[rows], rtol=0, atol=1e-12)
+            other = times[(i + 1) % len(times)].expand(R).double()
+            assert not torch.allclose(want, fresh(x, other, sc, None, i))  # t matters
 
 
 def test_evaluate_reports_metrics() -> None:
@@ -407,7 +448,7 @@ def test_bit_stagger_denoises_the_high_bits_first():
     target = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, -1.0]).expand(3, 2, B)
     seen = []
 
-    def oracle(x, t, sc, rows):
+    def oracle(x, t, sc, rows, i):
         seen.append(x.clone())
         return target
 
