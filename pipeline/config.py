@@ -152,7 +152,7 @@ class RayConfig:
     num_cpus: int | None = None  # for a local instance; None = all cores
     cpus_per_task: float = 1.0  # each unit of work is one Ray task of this many CPUs
     # how the passes run their units: tasks, plain Ray tasks, or data, a Ray Data map (one
-    # block per unit). Same results either way; data costs a fixed ~1-4 s per run on a fresh
+    # block per unit). Same results either way; data cost 1-8 s more per 20 MB run on a fresh
     # Ray (two actors and two cold workers, the driver's executor), docs/preprocessing.md
     executor: Literal["data", "tasks"] = "tasks"
     # new input bytes per dedup resolve task (each resolves a range of key prefixes; <= 256)
