@@ -1,7 +1,9 @@
 """Decode and train-step throughput: BitLM (m = 4, 8; K head evaluations per block, default 15,
 8, 4; CFG 3 at the first K) vs the AR baseline (same backbone, static KV cache; the concatenating
-cache reported beside it), in one process, as ratios to the AR numbers of the same run, and
-per-token latency. CPU default: the two sizes of issue 11 with ModelConfig's head defaults.
+cache reported beside it), in one process, and per-token latency. Each decode ratio is over AR
+runs interleaved with that model's runs (medians of `repeats` each), so a change of load during
+the benchmark moves both sides. CPU default: the two sizes of issue 11 with ModelConfig's head
+defaults.
 
     python benchmarks/model_speed.py [--device cuda] [--quick] [--sizes NAME ...] [--steps K ...]
         [--bitlm KEY=VALUE ...]    # ModelConfig overrides of the BitLM models, e.g. slot_prefix=4
@@ -50,20 +52,32 @@ def build(kind: str, m: int, a: argparse.Namespace, device: torch.device) -> Bit
     return BitLM(cfg).to(device=device, dtype=a.dtype).eval()
 
 
-def bench_decode(
+def decode_seconds(
     model: BitLM, batch: int, a, device, cfg_scale: float, steps: int, cache: str = "static"
-) -> float:
+):
+    """A timed decode of a.new_tokens tokens (after one warm-up): a callable -> seconds."""
     now = timer(device)
     prompt = torch.randint(0, a.vocab, (batch, a.prompt), device=device)
     g = torch.Generator(device=device).manual_seed(0)
     kw = dict(steps=steps, cfg_scale=cfg_scale, generator=g, use_cache=cache)
     model.generate(prompt, model.config.block_size * 2, **kw)  # warm-up
-    times = []
-    for _ in range(a.repeats):
+
+    def run() -> float:
         t0 = now()
         model.generate(prompt, a.new_tokens, **kw)
-        times.append(now() - t0)
-    return batch * a.new_tokens / statistics.median(times)
+        return now() - t0
+
+    return run
+
+
+def paired_decode(ar_run, run, a) -> tuple[float, float]:
+    """(AR seconds, model seconds): medians of a.repeats runs taken alternately, so that both
+    sides see the same load on a shared machine."""
+    ar_t, t = [], []
+    for _ in range(a.repeats):
+        ar_t.append(ar_run())
+        t.append(run())
+    return statistics.median(ar_t), statistics.median(t)
 
 
 def bench_train(model: BitLM, a, device) -> float:
@@ -93,7 +107,7 @@ SIZES = {
     "quick": dict(vocab=4096, d_model=128, layers=2, heads=4, head_depth=2),
 }
 RUN = {  # decode and train settings per device kind
-    "cpu": dict(prompt=32, new_tokens=32, repeats=3, train_batch=4, seq_len=256, batches=(1,)),
+    "cpu": dict(prompt=32, new_tokens=32, repeats=5, train_batch=4, seq_len=256, batches=(1,)),
     "gpu": dict(prompt=64, new_tokens=64, repeats=5, train_batch=8, seq_len=512, batches=(1, 16)),
     "quick": dict(prompt=16, new_tokens=16, repeats=2, train_batch=2, seq_len=64, batches=(1,)),
 }
@@ -109,19 +123,27 @@ def bench_size(name: str, a: argparse.Namespace, device: torch.device) -> dict:
     )
     for k, v in {**SIZES[name], **RUN[a.run]}.items():
         setattr(a, k, v)
-    dec: dict[str, float] = {}
+    dec: dict[str, float] = {}  # tokens/s
+    ratios: dict[str, float] = {}  # over the AR runs interleaved with it
     ar = build("ar", 1, a, device)
     for batch in a.batches:
-        dec[f"ar_b{batch}"] = bench_decode(ar, batch, a, device, 1.0, 1)
-        dec[f"ar_dynamic_cache_b{batch}"] = bench_decode(ar, batch, a, device, 1.0, 1, "dynamic")
+        tokens = batch * a.new_tokens
+        ar_run = decode_seconds(ar, batch, a, device, 1.0, 1)
+        dynamic = decode_seconds(ar, batch, a, device, 1.0, 1, "dynamic")
+        runs = {f"ar_dynamic_cache_b{batch}": dynamic}
         for m in (4, 8):
             model = build("bitlm", m, a, device)
             for K in a.steps:
-                dec[f"bitlm_m{m}_K{K}_b{batch}"] = bench_decode(model, batch, a, device, 1.0, K)
-            dec[f"bitlm_m{m}_K{a.steps[0]}_cfg_b{batch}"] = bench_decode(
+                runs[f"bitlm_m{m}_K{K}_b{batch}"] = decode_seconds(model, batch, a, device, 1.0, K)
+            runs[f"bitlm_m{m}_K{a.steps[0]}_cfg_b{batch}"] = decode_seconds(
                 model, batch, a, device, 3.0, a.steps[0]
             )
-            del model
+        ar_all = []
+        for key, run in runs.items():
+            ar_s, s = paired_decode(ar_run, run, a)
+            ar_all.append(ar_s)
+            dec[key], ratios[key] = tokens / s, ar_s / s
+        dec[f"ar_b{batch}"] = tokens / statistics.median(ar_all)
     train = {"ar": bench_train(ar, a, device)}
     train["bitlm_m4"] = bench_train(build("bitlm", 4, a, device), a, device)
     return {
@@ -133,11 +155,7 @@ def bench_size(name: str, a: argparse.Namespace, device: torch.device) -> dict:
         "decode_ms_per_token": {k: 1000.0 / v for k, v in dec.items()},
         "train_tokens_per_s": train,
         "ratios_vs_ar": {
-            "decode": {
-                k: v / dec["ar_b" + k.rsplit("_b", 1)[1]]
-                for k, v in dec.items()
-                if not k.startswith("ar_b")
-            },
+            "decode": ratios,
             "train_m4": train["bitlm_m4"] / train["ar"],
         },
     }
