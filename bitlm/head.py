@@ -272,8 +272,8 @@ class DiffusionHead(nn.Module):
         """x0(x_t, t, x_sc, rows, i) for conditions h [R, m, d] (rows: a subset of them), with
         batched classifier-free guidance; slot: h is that one slot of each block. times [n]:
         the schedule positions of the n steps, when every block is at the same position at a
-        step (then x0 ignores t): the head's modulations of all n steps are computed here in
-        one batch, and each evaluation runs only the token stream."""
+        step: the head's modulations of all n steps are computed here in one batch, and each
+        evaluation runs only the token stream (t then reaches only the posterior skip)."""
         null = self.null_cond.to(h.dtype)
         guide = cfg_scale != 1.0
         full = torch.cat([h, null.expand_as(h)], 0) if guide else h  # [R or 2R, m, d]
