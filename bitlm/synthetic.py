@@ -15,7 +15,20 @@ from torch import Tensor
 
 from .model import BitLM
 
-__all__ = ["MarkovChain", "PhraseData", "fit"]
+__all__ = ["SMALL_MODEL", "MarkovChain", "PhraseData", "fit"]
+
+# ModelConfig fields of the small BitLM the learning tests and benchmarks/markov_steps.py train
+SMALL_MODEL = dict(
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_width=64,
+    head_depth=3,
+    head_heads=4,
+    diffusion_batch_mul=4,
+    cond_dropout=0.0,
+)
 
 
 @dataclass

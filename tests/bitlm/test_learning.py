@@ -12,21 +12,9 @@ import pytest
 import torch
 
 from bitlm import BitLM, ModelConfig
-from bitlm.synthetic import MarkovChain, PhraseData, fit
+from bitlm.synthetic import SMALL_MODEL, MarkovChain, PhraseData, fit
 
 pytestmark = pytest.mark.slow
-
-SMALL = dict(
-    d_model=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_width=64,
-    head_depth=3,
-    head_heads=4,
-    diffusion_batch_mul=4,
-    cond_dropout=0.0,
-)
 
 
 @torch.no_grad()
@@ -47,7 +35,7 @@ def test_phrases_block_exact_match() -> None:
     torch.set_num_threads(2)
     data = PhraseData(vocab_size=64, n_phrases=16, phrase_len=12)
     torch.manual_seed(0)
-    model = BitLM(ModelConfig(vocab_size=64, block_size=4, **SMALL))
+    model = BitLM(ModelConfig(vocab_size=64, block_size=4, **SMALL_MODEL))
     fit(model, lambda g: data.sample(32, 48, g), steps=400, lr=2e-3)
     g = torch.Generator().manual_seed(123)  # held-out: fresh phrase orders
     tokens = data.sample(64, 48, g)
@@ -70,10 +58,10 @@ def test_markov_chain_valid_transitions(kind: str) -> None:
             block_size=1,
             input="embedding",
             output_head="softmax",
-            **{k: v for k, v in SMALL.items() if not k.startswith(("head", "diff"))},
+            **{k: v for k, v in SMALL_MODEL.items() if not k.startswith(("head", "diff"))},
         )
     else:
-        cfg = ModelConfig(vocab_size=16, block_size=4, **SMALL)
+        cfg = ModelConfig(vocab_size=16, block_size=4, **SMALL_MODEL)
     model = BitLM(cfg)
     fit(model, lambda g: chain.sample(64, 32, g), steps=1000, lr=2e-3)
     g = torch.Generator().manual_seed(1)
