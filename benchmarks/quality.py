@@ -58,11 +58,14 @@ def check_grid(grid: dict[str, Any]) -> None:
     if not names or None in names or len(set(names)) != len(names):
         raise SystemExit("error: the grid needs variants, each with a unique name")
     for v in grid["variants"]:
-        unknown = set(v) - {"name", "model", "code_table"}
+        unknown = set(v) - {"name", "model", "code_table", "head_lr_scale"}
         if unknown:
             raise SystemExit(f"error: variant {v['name']}: unknown key {sorted(unknown)[0]}")
         if v.get("code_table") not in CODE_TABLES:
             raise SystemExit(f"error: variant {v['name']}: unknown code_table {v['code_table']!r}")
+        scale = v.get("head_lr_scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+            raise SystemExit(f"error: variant {v['name']}: head_lr_scale must be a number > 0")
         try:  # the dataset's vocabulary is not known yet; any valid size checks the rest
             ModelConfig.from_dict({**grid.get("base", {}), **v.get("model", {}), "vocab_size": 256})
         except ValueError as e:  # RecipeError is one
@@ -173,9 +176,10 @@ class Bench:
     def sample_stats(self, model: BitLM) -> dict[str, float]:
         """Continuations of the validation prompts, sampled (temperature 1: the headline),
         greedy (temperature 0), and every entry of eval.samplers ({name, temperature, cfg_scale,
-        steps, commit, eta}; cfg_scale, steps, commit and eta only act on diffusion heads, so an
-        entry meant for them alone names `diffusion_only: true`), each scored by the reference
-        n-gram; for diffusion heads also the head evaluations each sampled block needed."""
+        steps, commit, eta, shift}; cfg_scale, steps, commit, eta and shift only act on diffusion
+        heads, so an entry meant for them alone names `diffusion_only: true`), each scored by the
+        reference n-gram; for diffusion heads also the head evaluations each sampled block
+        needed."""
         P, new = self.ev["prompt_tokens"], self.ev["new_tokens"]
         samplers = [{"name": "", "temperature": 1.0}, {"name": "_greedy", "temperature": 0.0}]
         samplers += [
@@ -186,7 +190,7 @@ class Bench:
         out: dict[str, float] = {}
         for sm in samplers:
             g = torch.Generator(device=self.device).manual_seed(self.ev["seed"])
-            keys = ("temperature", "cfg_scale", "steps", "commit", "eta")
+            keys = ("temperature", "cfg_scale", "steps", "commit", "eta", "shift")
             kw = {k: sm[k] for k in keys if k in sm}
             if model.is_diffusion:
                 model.head.sample_evals = 0
@@ -204,18 +208,31 @@ class Bench:
                 out[f"gen/head_evals_per_block{sfx}"] = model.head.sample_evals / blocks
         return out
 
-    def run(self, name: str, overrides: dict[str, Any], code_table: str | None) -> dict[str, Any]:
+    def run(
+        self,
+        name: str,
+        overrides: dict[str, Any],
+        code_table: str | None,
+        head_lr_scale: float = 1.0,
+    ) -> dict[str, Any]:
+        """Train one variant and evaluate it along the way; head_lr_scale multiplies the
+        learning rate of the output head's parameters (the rest follow train.lr)."""
         tr = self.tr
         model = self.build(overrides, code_table)
+        head = {id(p) for p in model.head.parameters()}
+        groups = [
+            {"params": list(model.head.parameters()), "scale": float(head_lr_scale)},
+            {"params": [p for p in model.parameters() if id(p) not in head], "scale": 1.0},
+        ]
         opt = torch.optim.AdamW(
-            model.parameters(), lr=tr["lr"], betas=(0.9, 0.95), weight_decay=tr["weight_decay"]
+            groups, lr=tr["lr"], betas=(0.9, 0.95), weight_decay=tr["weight_decay"]
         )
         B, L = tr["batch_size"], self.train.manifest.seq_len
         g = torch.Generator(device=self.device).manual_seed(tr["noise_seed"])
         curve, losses, t0 = [], [], time.perf_counter()
         for step in range(tr["steps"]):
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, tr)
+                group["lr"] = lr_at(step, tr) * group["scale"]
             model.set_step(step)
             x = self.train.tokens_at(np.arange(step * B, (step + 1) * B)).to(self.device)
             loss = model.loss(x, g)
@@ -250,6 +267,7 @@ class Bench:
         return {
             "name": name,
             "overrides": overrides,
+            "head_lr_scale": head_lr_scale,
             "code_table": model.codec.table.kind,
             "params": {p: model.num_params(p) for p in ("all", "backbone", "head")},
             "flops_per_token": model.flops_per_token(L),
@@ -361,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     for v in variants:
         print(f"variant {v['name']}: {v.get('model', {})}", flush=True)
-        results["variants"].append(bench.run(v["name"], v.get("model", {}), v.get("code_table")))
+        results["variants"].append(
+            bench.run(
+                v["name"], v.get("model", {}), v.get("code_table"), v.get("head_lr_scale", 1.0)
+            )
+        )
         tmp = out_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(out_path)

@@ -115,6 +115,10 @@ class ModelConfig:
     # which on this path equals DDIM); 1 the ancestral sampler, which draws x_s from the
     # Gaussian posterior q(x_s | x_t, x0 = x0_hat) at every step; in between, DDIM's eta
     sample_eta: float = 0.0
+    # time shift of the K steps (SD3, beyond the paper): t -> shift t / (1 + (shift - 1) t); < 1
+    # spends more steps at low noise. Measured: fewer or shifted steps sharpen the samples about
+    # as a lower temperature would (docs/speed.md), so 1, uniform in t, stays the default
+    sample_shift: float = 1.0
 
     def __post_init__(self) -> None:
         recipe.check_types(self, "model.")  # the recipe's strict types, for ModelConfig(...) too
@@ -197,6 +201,10 @@ class ModelConfig:
             raise ValueError("model.sample_eta must be in [0, 1]")
         if not 0.0 <= self.sample_commit <= 1.0:
             raise ValueError("model.sample_commit must be in [0, 1]")
+        if self.sample_shift <= 0:
+            raise ValueError("model.sample_shift must be > 0")
+        if self.sample_shift != 1 and self.slot_stagger:
+            raise ValueError("model.sample_shift needs slot_stagger=0")
         if not 0.0 <= self.known_prefix_prob <= 1.0:
             raise ValueError("model.known_prefix_prob must be in [0, 1]")
         if self.head_posterior_skip and not self.head_squash:

@@ -76,12 +76,20 @@ def diffusion_loss(
     return (err.mean(-1) * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def sampler_times(steps: int, m: int = 1, stagger: float = 0.0, device=None) -> Tensor:
+def sampler_times(
+    steps: int, m: int = 1, stagger: float = 0.0, device=None, shift: float = 1.0
+) -> Tensor:
     """The schedule positions of euler_sample's steps: from 1 + stagger (m - 1) down to 0 in
-    steps (stagger 0) or ceil(steps (1 + stagger (m - 1))) equal steps. -> [n + 1]."""
+    steps (stagger 0) or ceil(steps (1 + stagger (m - 1))) equal steps; shift != 1 (stagger 0
+    only) maps each t to shift t / (1 + (shift - 1) t). -> [n + 1]."""
     span = 1.0 + stagger * (m - 1)
     n = steps if stagger == 0 else math.ceil(steps * span)
-    return torch.linspace(span, 0.0, n + 1, device=device)
+    t = torch.linspace(span, 0.0, n + 1, device=device)
+    if shift != 1.0:
+        if stagger:
+            raise ValueError("sampler_times: shift needs stagger 0")
+        t = shift * t / (1 + (shift - 1) * t)
+    return t
 
 
 @torch.no_grad()
@@ -114,6 +122,7 @@ def euler_sample(
     commit: float = 1.0,
     eta: float = 0.0,
     bit_stagger: float = 0.0,
+    shift: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """K Euler steps of the probability-flow ODE from x_1 ~ N(0, temperature^2 I) to t = 0:
     x <- x + (t_next - t) (x - x0_hat) / t. Returns (the continuous x_0 [R, m, B], the head
@@ -128,6 +137,7 @@ def euler_sample(
     only the rows still running are evaluated, and the loop ends when every row is done.
     commit = 1 (the default) is the fixed-K sampler.
     eta > 0: stochastic steps (ddim_step); eta = 0 is the Euler step above.
+    shift != 1: the steps' times are shifted (sampler_times; stagger 0 only).
     bit_stagger > 0: the K steps run over schedule positions (what x0_fn is given); each bit
     steps between its own times (slot_times over the B bits, DiffusionHead.bit_times)."""
     x = torch.randn(shape, device=device, generator=generator, dtype=torch.float32) * temperature
@@ -136,7 +146,7 @@ def euler_sample(
         known_noise = torch.randn(shape, device=device, generator=generator).to(dtype)
         km = known_mask[..., None]
     m = shape[1]
-    taus = sampler_times(steps, m, stagger, device)
+    taus = sampler_times(steps, m, stagger, device, shift)
     n = len(taus) - 1
     x_sc = prev = None
     done = torch.zeros(shape[0], dtype=torch.bool, device=device)  # committed rows

@@ -327,11 +327,13 @@ class DiffusionHead(nn.Module):
         commit: float = 1.0,
         slot: int | None = None,
         eta: float = 0.0,
+        shift: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
         """One block per row: K Euler steps with guidance, sign() and exact repair.
         h [R, m, d]; known [R, m, B] bits / known_mask [R, m] (inpainting); commit < 1:
         adaptive denoising (euler_sample); slot: h [R, 1, d] is that one slot of each block
-        (slot_prefix decoding); eta > 0: stochastic steps (ddim_step). Returns (valid code
+        (slot_prefix decoding); eta > 0: stochastic steps (ddim_step); shift: the time shift of
+        the steps (sampler_times). Returns (valid code
         words [R, m] int64, continuous x0 [R, m, B]). Adds the head evaluations each block
         needed to self.sample_evals."""
         if self.use_fused(h) and self.cfg.slot_stagger == 0 and commit >= 1.0 and eta == 0:
@@ -346,12 +348,13 @@ class DiffusionHead(nn.Module):
                 generator=generator,
                 known=known,
                 known_mask=known_mask,
+                shift=shift,
             )
         R, m, _ = h.shape
         stagger = self.cfg.slot_stagger
         times = None  # per-step positions shared by every block: modulations planned ahead
         if stagger == 0 and self.cfg.bit_stagger == 0:
-            times = sampler_times(steps, device=h.device)[:-1]
+            times = sampler_times(steps, device=h.device, shift=shift)[:-1]
         x, evals = euler_sample(
             self.guided(h, cfg_scale, slot, times),
             (R, m, self.cfg.num_bits),
@@ -367,6 +370,7 @@ class DiffusionHead(nn.Module):
             commit=commit,
             eta=eta,
             bit_stagger=self.cfg.bit_stagger,
+            shift=shift,
         )
         self.sample_evals += int(evals.sum())
         return codec.repair(x), x
@@ -454,6 +458,7 @@ def _euler_loop(
     known_noise: Tensor | None,
     km: Tensor | None,
     vocab_size: int,
+    shift: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """The body of euler_sample (bitlm/diffusion.py) with the guided fused head, then repair.
     x [R, m, B] initial noise, hh [R or 2R, m, d] conditions (null rows appended when guided).
@@ -462,7 +467,7 @@ def _euler_loop(
 
     R = x.shape[0]
     guided = cfg_scale != 1.0
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=x.device)
+    ts = sampler_times(steps, device=x.device, shift=shift)
     x_sc = None
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
@@ -503,10 +508,12 @@ def fused_sample_block(
     known: Tensor | None = None,
     known_mask: Tensor | None = None,
     use_graph: bool | None = None,
+    shift: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Sample one block per row with the fused head: K Euler steps with batched guidance, then
     sign() and exact repair. Draws its noise exactly as euler_sample does (same generator calls).
-    h [R, m, d]; known [R, m, B] bits, known_mask [R, m] bool. Returns (code words [R, m] int64,
+    h [R, m, d]; known [R, m, B] bits, known_mask [R, m] bool; shift: the time shift of the
+    steps (sampler_times). Returns (code words [R, m] int64,
     continuous x0 [R, m, B]). use_graph (default: on CUDA) replays a cached CUDA graph."""
     R, m, _ = h.shape
     shape = (R, m, head.cfg.num_bits)
@@ -524,9 +531,9 @@ def fused_sample_block(
     if use_graph is None:
         use_graph = h.is_cuda
     if not use_graph:
-        return _euler_loop(head, x, hh, steps, cfg_scale, known, known_noise, km, vocab_size)
+        return _euler_loop(head, x, hh, steps, cfg_scale, known, known_noise, km, vocab_size, shift)
 
-    key = _graph_key(head, h, steps, cfg_scale, known is not None, vocab_size)
+    key = _graph_key(head, h, steps, cfg_scale, known is not None, vocab_size, shift)
     entry = _GRAPHS.get(key)
     if entry is None:
         static = {"x": x.clone(), "hh": hh.clone()}
@@ -542,6 +549,7 @@ def fused_sample_block(
             static.get("noise"),
             static.get("km"),
             vocab_size,
+            shift,
         )
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))

@@ -297,11 +297,13 @@ class BitLM(nn.Module):
         commit: float | None = None,
         slot: int | None = None,
         eta: float | None = None,
+        shift: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sample one block per row. h [R, m, d]; known [R, m] ids, known_mask [R, m] bool;
         commit: adaptive denoising threshold (default cfg.sample_commit); slot: h [R, 1, d] is
         that one slot of each block (slot_prefix decoding); eta: sampler stochasticity (default
-        cfg.sample_eta). Returns (ids [R, m], continuous x0 [R, m, B] or logits)."""
+        cfg.sample_eta); shift: the time shift of the steps (default cfg.sample_shift). Returns
+        (ids [R, m], continuous x0 [R, m, B] or logits)."""
         if not self.is_diffusion:
             logits = self.head(h).float()  # [R, m, V]
             if temperature == 0:
@@ -324,6 +326,7 @@ class BitLM(nn.Module):
                 commit=self.config.sample_commit if commit is None else commit,
                 slot=slot,
                 eta=self.config.sample_eta if eta is None else eta,
+                shift=self.config.sample_shift if shift is None else shift,
             )
             ids, logits = self.codec.from_codewords(words), x
         if known is not None:
@@ -364,13 +367,15 @@ class BitLM(nn.Module):
         use_cache: bool | str = True,
         commit: float | None = None,
         eta: float | None = None,
+        shift: float | None = None,
     ) -> Tensor:
         """prompt [b, P] (any P >= 0) -> [b, P + max_new_tokens]. Block by block: sample the next
         block from the conditions, then one backbone call over its m tokens (KV cache).
         use_cache: True or "static" (a preallocated StaticKVCache, the default for decoding),
         "dynamic" (grown by concatenation), False (recompute the whole prefix every block).
         commit: adaptive denoising threshold (default cfg.sample_commit; 1: fixed K).
-        eta: sampler stochasticity (default cfg.sample_eta; 0: the ODE)."""
+        eta: sampler stochasticity (default cfg.sample_eta; 0: the ODE).
+        shift: the time shift of the steps (default cfg.sample_shift; 1: uniform in t)."""
         cfg = self.config
         steps = cfg.sample_steps if steps is None else steps
         cfg_scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
@@ -398,7 +403,12 @@ class BitLM(nn.Module):
                 known_mask = torch.zeros(b, m, dtype=torch.bool, device=prompt.device)
                 known_mask[:, :rem] = True
             kw = dict(
-                steps=steps, cfg_scale=cfg_scale, temperature=temperature, commit=commit, eta=eta
+                steps=steps,
+                cfg_scale=cfg_scale,
+                temperature=temperature,
+                commit=commit,
+                eta=eta,
+                shift=shift,
             )
             if self.prefix_proj is None:
                 block, _ = self.sample_block(

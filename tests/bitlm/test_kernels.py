@@ -305,9 +305,11 @@ def test_dispatch_defaults():
 
 
 # ---- decoding: the whole sampler with guidance and repair ---------------------------------------
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-@pytest.mark.parametrize("inpaint", [False, True])
-def test_sampler_parity(device, cfg_scale, inpaint):
+@pytest.mark.parametrize(
+    "cfg_scale, inpaint, shift",
+    [(1.0, False, 1.0), (3.0, False, 1.0), (1.0, True, 1.0), (3.0, True, 1.0), (3.0, False, 0.3)],
+)
+def test_sampler_parity(device, cfg_scale, inpaint, shift):
     head = make_head(**HEAD_CFGS[1])  # self-conditioning on, m = 5, B = 18
     cfg = head.cfg
     codec = BitCodec(cfg.vocab_size)
@@ -319,7 +321,7 @@ def test_sampler_parity(device, cfg_scale, inpaint):
         known = codec.encode(torch.randint(0, cfg.vocab_size, (R, m), generator=g))
         known_mask = torch.zeros(R, m, dtype=torch.bool)
         known_mask[:, :2] = True
-    kw = dict(steps=4, cfg_scale=cfg_scale, temperature=0.9)
+    kw = dict(steps=4, cfg_scale=cfg_scale, temperature=0.9, shift=shift)
     ref_words, ref_x = head.sample(
         h,
         codec,

@@ -272,6 +272,46 @@ def test_planned_sampler_head_equals_the_per_step_head(kw, cfg_scale) -> None:
             assert not torch.allclose(want, fresh(x, other, sc, None, i))  # t matters
 
 
+def test_shifted_sampler_times_and_decode() -> None:
+    """sample_shift moves every step's time by t -> s t / (1 + (s - 1) t), keeping 1 and 0; the
+    planned decode (modulations of all K steps computed ahead) follows the shifted times: it
+    equals euler_sample over the head evaluated from scratch at each step, and differs from the
+    unshifted sampler."""
+    from bitlm.diffusion import euler_sample, sampler_times
+
+    assert torch.equal(sampler_times(6, shift=1.0), torch.linspace(1, 0, 7))
+    t = sampler_times(6, shift=0.3)
+    u = torch.linspace(1, 0, 7)
+    torch.testing.assert_close(t, 0.3 * u / (1 - 0.7 * u))
+    assert t[0] == 1 and t[-1] == 0 and bool((t[1:-1] < u[1:-1]).all())
+    assert bool((t[:-1] > t[1:]).all())
+    with pytest.raises(ValueError, match="sample_shift"):
+        tiny(sample_shift=0.0)
+
+    torch.manual_seed(0)
+    model = BitLM(tiny(head_posterior_skip=True)).double().eval()
+    head = model.head
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    h = torch.randn(3, 4, model.config.d_model, dtype=torch.double)
+    g = lambda: torch.Generator().manual_seed(4)
+    kw = dict(steps=5, cfg_scale=1.0, temperature=1.0)
+    _, x = head.sample(h, model.codec, generator=g(), shift=0.3, **kw)
+    want, _ = euler_sample(
+        head.guided(h, 1.0),
+        (3, 4, model.config.num_bits),
+        5,
+        device=h.device,
+        dtype=h.dtype,
+        generator=g(),
+        shift=0.3,
+    )
+    torch.testing.assert_close(x, want, rtol=0, atol=1e-12)
+    _, x1 = head.sample(h, model.codec, generator=g(), **kw)
+    assert not torch.allclose(x, x1)
+
+
 def test_evaluate_reports_metrics() -> None:
     torch.manual_seed(0)
     model = BitLM(tiny()).eval()

@@ -36,6 +36,7 @@ def test_every_shipped_grid_variant_is_a_valid_model(path: Path) -> None:
         ({"name": "odd", "model": {"head_width": 30, "head_heads": 4}}, "variant odd: .*heads"),
         ({"name": "tbl", "code_table": "semantc"}, "variant tbl: unknown code_table 'semantc'"),
         ({"name": "key", "modle": {}}, "variant key: unknown key modle"),
+        ({"name": "lr", "head_lr_scale": 0}, "variant lr: head_lr_scale must be a number > 0"),
     ],
 )
 def test_a_bad_variant_is_named_before_training(variant: dict, why: str) -> None:
