@@ -395,6 +395,8 @@ class BitLM(nn.Module):
         # Conditions for target block n_full: input blocks [S, data blocks 0..n_full-1].
         x = torch.cat([self.start.expand(b, m, -1), self.embed_blocks(prompt[:, : n_full * m])], 1)
         h = self.slot_conditions(self.run_backbone(x, cache)[:, -m:])  # [b, m, d]
+        kw = dict(steps=steps, cfg_scale=cfg_scale, temperature=temperature, commit=commit)
+        kw |= dict(eta=eta, shift=shift)
         while seq.shape[1] < total:
             known = known_mask = None
             if rem:
@@ -402,14 +404,6 @@ class BitLM(nn.Module):
                 known[:, :rem] = seq[:, -rem:]
                 known_mask = torch.zeros(b, m, dtype=torch.bool, device=prompt.device)
                 known_mask[:, :rem] = True
-            kw = dict(
-                steps=steps,
-                cfg_scale=cfg_scale,
-                temperature=temperature,
-                commit=commit,
-                eta=eta,
-                shift=shift,
-            )
             if self.prefix_proj is None:
                 block, _ = self.sample_block(
                     h, generator=generator, known=known, known_mask=known_mask, **kw
