@@ -49,8 +49,7 @@ def main() -> None:
             valid[key] = sum(runs) / len(runs)
             print(f"{key}: valid {valid[key]:.3f}", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    cells = {"seeds": a.seeds, "steps": a.steps, "shifts": a.shifts}
-    cells["prompt_seeds"] = a.prompt_seeds
+    cells = dict(seeds=a.seeds, steps=a.steps, shifts=a.shifts, prompt_seeds=a.prompt_seeds)
     Path(a.out).write_text(json.dumps({**cells, "valid": valid}, indent=1))
 
 

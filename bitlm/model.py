@@ -395,8 +395,8 @@ class BitLM(nn.Module):
         # Conditions for target block n_full: input blocks [S, data blocks 0..n_full-1].
         x = torch.cat([self.start.expand(b, m, -1), self.embed_blocks(prompt[:, : n_full * m])], 1)
         h = self.slot_conditions(self.run_backbone(x, cache)[:, -m:])  # [b, m, d]
-        kw = dict(steps=steps, cfg_scale=cfg_scale, temperature=temperature, commit=commit)
-        kw |= dict(eta=eta, shift=shift)
+        kw = dict(steps=steps, cfg_scale=cfg_scale, temperature=temperature)
+        kw |= dict(commit=commit, eta=eta, shift=shift)  # the sampler's settings, every block
         while seq.shape[1] < total:
             known = known_mask = None
             if rem:
